@@ -1,0 +1,96 @@
+//! What guest-agent does because it is PID 1: mount the basic file systems,
+//! name the host, and end the machine on shutdown.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{sethostname, sync, Pid};
+
+/// Hostname when the command line names none.
+const DEFAULT_HOSTNAME: &str = "warren";
+
+/// Mounts proc, sysfs, devtmpfs and the tmpfs file systems. Failures are
+/// logged, not fatal: a guest with a missing mount can still answer the
+/// host, which then sees what is wrong.
+pub fn mount_basics() {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nodev, None);
+    mount_fs("sysfs", "/sys", "sysfs", nodev, None);
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    );
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
+}
+
+/// Sets the hostname (`warren.hostname=` or [`DEFAULT_HOSTNAME`]).
+pub fn set_hostname(hostname: Option<&str>) {
+    let name = hostname.unwrap_or(DEFAULT_HOSTNAME);
+    if let Err(e) = sethostname(name) {
+        tracing::warn!(error = %e, name, "cannot set the hostname");
+    }
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    if let Err(e) = std::fs::create_dir_all(target) {
+        tracing::warn!(error = %e, target, "cannot create mount point");
+        return;
+    }
+    match mount(Some(source), Path::new(target), Some(fstype), flags, data) {
+        Ok(()) => {}
+        // Already mounted (the kernel may mount devtmpfs itself).
+        Err(nix::errno::Errno::EBUSY) => {}
+        Err(e) => tracing::warn!(error = %e, target, fstype, "mount failed"),
+    }
+}
+
+/// Ends every other process, syncs and resets the machine.
+///
+/// Reset, not power-off: the VM has no ACPI, so a power-off request would
+/// only halt the CPU, while a reset (through the i8042 or a triple fault)
+/// is what both our VMM and QEMU's `-no-reboot` treat as the end of the VM.
+pub fn shutdown() -> ! {
+    tracing::info!("shutting down");
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    sync();
+    let err = reboot(RebootMode::RB_AUTOBOOT);
+    // Only reached when reboot(2) failed; PID 1 must not exit.
+    tracing::error!(?err, "reboot failed; halting here");
+    loop {
+        std::thread::park();
+    }
+}

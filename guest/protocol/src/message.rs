@@ -1,0 +1,297 @@
+//! The messages carried inside frames.
+//!
+//! Every host → guest frame is a [`HostFrame`]: a request id chosen by the
+//! host plus a [`Request`]. The guest answers with [`GuestFrame::Reply`]
+//! frames carrying that id — zero or more streamed replies (process started,
+//! output chunks) and then exactly one final reply — or with one
+//! [`GuestFrame::Error`]. Ids let several requests be in flight at once.
+//!
+//! New request variants go at the end of [`Request`] and bump
+//! [`Request::VARIANTS`]: the decoder uses the variant index to tell an
+//! unknown request from a malformed one.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+/// Id the host gives a request; replies carry it back.
+pub type RequestId = u64;
+
+/// A host → guest frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFrame {
+    /// Chosen by the host, unique among its requests in flight.
+    pub id: RequestId,
+    /// What the host asks for.
+    pub request: Request,
+}
+
+/// What the host can ask of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Answered with [`Reply::Pong`] carrying the same nonce.
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Run a command; replies stream ([`Reply::ExecStarted`],
+    /// [`Reply::Output`]) and end with [`Reply::Exited`].
+    Exec(ExecRequest),
+    /// Send a signal to the process group of a running [`Request::Exec`].
+    Kill {
+        /// The request id of the exec.
+        exec_id: RequestId,
+        /// Signal number (9 = SIGKILL, 15 = SIGTERM).
+        signal: i32,
+    },
+    /// Read up to `max_len` bytes of a file from `offset`; answered with
+    /// [`Reply::FileData`].
+    ReadFile {
+        /// Absolute path in the guest.
+        path: String,
+        /// Byte offset to start at.
+        offset: u64,
+        /// At most this many bytes (capped at [`crate::MAX_CHUNK`]).
+        max_len: u32,
+    },
+    /// Write `data` to a file; answered with [`Reply::Done`].
+    WriteFile(WriteFileRequest),
+    /// List a directory; answered with [`Reply::Entries`].
+    ListDir {
+        /// Absolute path in the guest.
+        path: String,
+    },
+    /// Remove a file, or a directory (recursively if asked); answered with
+    /// [`Reply::Done`].
+    Remove {
+        /// Absolute path in the guest.
+        path: String,
+        /// Remove a directory and everything below it.
+        recursive: bool,
+    },
+    /// Answered with [`Reply::Done`]; then the guest ends its processes,
+    /// syncs and resets the machine, which ends the VM.
+    Shutdown,
+}
+
+impl Request {
+    /// Number of variants this build knows. A frame naming a variant index
+    /// at or above it is an unknown request, not a malformed one.
+    pub const VARIANTS: u32 = 8;
+
+    /// Short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping { .. } => "ping",
+            Request::Exec(_) => "exec",
+            Request::Kill { .. } => "kill",
+            Request::ReadFile { .. } => "read_file",
+            Request::WriteFile(_) => "write_file",
+            Request::ListDir { .. } => "list_dir",
+            Request::Remove { .. } => "remove",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing those in) the agent's environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory; the agent's own when absent.
+    pub cwd: Option<String>,
+    /// Written to the process's standard input, which is then closed.
+    pub stdin: Vec<u8>,
+    /// Kill the process group (SIGKILL) after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+/// A file to write in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFileRequest {
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Bytes to write (at most [`crate::MAX_CHUNK`] per request; larger
+    /// files are written in appending requests).
+    pub data: Vec<u8>,
+    /// Permission bits for a newly created file (default 0o644).
+    pub mode: Option<u32>,
+    /// Append instead of truncating.
+    pub append: bool,
+    /// Create missing parent directories.
+    pub create_parents: bool,
+}
+
+/// A guest → host frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestFrame {
+    /// First frame on every connection.
+    Hello(Hello),
+    /// A reply to request `id`.
+    Reply {
+        /// The request answered.
+        id: RequestId,
+        /// The reply.
+        reply: Reply,
+    },
+    /// The request `id` failed, or (with no id) a frame could not be read.
+    /// Always final for its id.
+    Error {
+        /// The request that failed, when the frame was readable that far.
+        id: Option<RequestId>,
+        /// What went wrong.
+        error: ErrorReply,
+    },
+}
+
+impl GuestFrame {
+    /// Number of variants this build knows (see [`Request::VARIANTS`]).
+    pub const VARIANTS: u32 = 3;
+}
+
+/// The guest's first frame: who it is and when it got ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the guest's build.
+    pub protocol_version: u16,
+    /// Name and version of the guest program, e.g. `guest-agent 0.1.0`.
+    pub agent: String,
+    /// Guest `CLOCK_BOOTTIME` when the hello was sent, in nanoseconds.
+    pub boot_time_ns: u64,
+    /// `uname -r` of the guest kernel (empty for the probe guest).
+    pub kernel_release: String,
+    /// Boot-timer stamps the guest recorded on its way up, in order.
+    pub boot_stamps: Vec<u64>,
+}
+
+/// One reply to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// The exec's process started (streamed).
+    ExecStarted {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// A chunk of the exec's output (streamed).
+    Output {
+        /// Which stream it came from.
+        stream: Stream,
+        /// The bytes, at most [`crate::MAX_CHUNK`].
+        data: Vec<u8>,
+    },
+    /// The exec's process ended (final).
+    Exited(ExitStatus),
+    /// Bytes read from a file (final).
+    FileData {
+        /// The bytes read.
+        data: Vec<u8>,
+        /// True when the read reached the end of the file.
+        eof: bool,
+    },
+    /// Directory listing (final).
+    Entries(Vec<DirEntry>),
+    /// The request succeeded with nothing to return (final).
+    Done,
+}
+
+impl Reply {
+    /// True for the reply that ends a request.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Reply::ExecStarted { .. } | Reply::Output { .. })
+    }
+}
+
+/// Standard output or standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stream {
+    /// File descriptor 1.
+    Stdout,
+    /// File descriptor 2.
+    Stderr,
+}
+
+/// How an exec'd process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// The agent killed it because its timeout passed.
+    pub timed_out: bool,
+    /// Wall time from spawn to exit, in nanoseconds.
+    pub duration_ns: u64,
+}
+
+impl ExitStatus {
+    /// Exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// File name (not the full path).
+    pub name: String,
+    /// What kind of file it is.
+    pub kind: FileKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime_s: i64,
+}
+
+/// The kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (not followed).
+    Symlink,
+    /// Anything else: device, fifo, socket.
+    Other,
+}
+
+/// Why a request or frame failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// Machine-readable class.
+    pub kind: ErrorKind,
+    /// Human-readable detail naming what was wrong.
+    pub message: String,
+}
+
+/// Classes of failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The frame's payload is not a valid message.
+    MalformedFrame,
+    /// The frame is larger than the receiver accepts.
+    FrameTooLarge,
+    /// The frame names a request this build does not know.
+    UnknownRequest,
+    /// The request is well-formed but its arguments are not acceptable.
+    InvalidRequest,
+    /// A file, directory, program or exec id does not exist.
+    NotFound,
+    /// The guest refused access.
+    PermissionDenied,
+    /// Something already exists where it must not.
+    AlreadyExists,
+    /// Any other I/O failure in the guest.
+    Io,
+}

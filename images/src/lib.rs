@@ -1,0 +1,14 @@
+//! Builders for what a Warren guest boots from, and the cache that keeps them.
+//!
+//! - [`cache`]: a content-addressed store outside the repository. Every
+//!   artifact (kernel, initramfs, later root file systems) lives under a key
+//!   that hashes its inputs, with a manifest of sizes and SHA-256 sums so a
+//!   truncated or corrupted entry is detected and rebuilt instead of booted.
+//! - [`initramfs`]: a deterministic newc cpio writer for the guest's initramfs
+//!   (`/init` = guest-agent, plus busybox for a debug shell).
+
+pub mod cache;
+pub mod initramfs;
+
+pub use cache::{Cache, CacheError, Entry};
+pub use initramfs::{Initramfs, InitramfsError};

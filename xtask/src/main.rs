@@ -1,0 +1,106 @@
+//! `cargo xtask`: build automation for Warren.
+//!
+//! - `kernel`  — build the guest kernel (cached by its inputs' hash)
+//! - `images`  — build guest-agent (static) and the initramfs (cached)
+//! - `build`   — both
+//! - `run`     — build everything and run the main job
+//! - `test`    — lint, build what tests need, run every test
+//! - `bench`   — run a benchmark from `benches/`
+
+mod images;
+mod kernel;
+mod packages;
+mod run;
+mod sh;
+mod test;
+
+use std::process::Command;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use warren_images::Cache;
+
+#[derive(Parser, Debug)]
+#[command(about = "Build automation for Warren", version)]
+struct Cli {
+    /// Artifact cache (default: $WARREN_CACHE_DIR, $XDG_CACHE_HOME/warren or ~/.cache/warren).
+    #[arg(long, global = true)]
+    cache_dir: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build the guest kernel from Debian's linux-source-6.1.
+    Kernel,
+    /// Build guest-agent and the initramfs.
+    Images,
+    /// Build the kernel and the images.
+    Build,
+    /// Build everything and run the main job.
+    Run,
+    /// Lint, build what tests need and run every test.
+    Test(test::TestArgs),
+    /// Run a benchmark: `kernel-boot` (guest instructions to /init and hello).
+    Bench {
+        /// The benchmark.
+        name: String,
+        /// Its arguments (e.g. `--runs 5 --json`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let cache = match &cli.cache_dir {
+        Some(d) => Cache::new(d),
+        None => Cache::open_default(),
+    };
+    match &cli.command {
+        Cmd::Kernel => {
+            println!("{}", kernel::build(&cache)?.display());
+        }
+        Cmd::Images => {
+            println!("{}", images::build_initramfs(&cache)?.display());
+        }
+        Cmd::Build => {
+            println!("{}", kernel::build(&cache)?.display());
+            println!("{}", images::build_initramfs(&cache)?.display());
+        }
+        Cmd::Run => run::run(&cache)?,
+        Cmd::Test(args) => test::run(&cache, args)?,
+        Cmd::Bench { name, args } => bench(&cache, name, args)?,
+    }
+    Ok(())
+}
+
+/// Benchmarks live in `benches/` as binaries; build what they boot, then
+/// run the binary in release mode.
+fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
+    let bin = match name {
+        "kernel-boot" => "kernel-boot",
+        other => anyhow::bail!("unknown benchmark {other:?}; available: kernel-boot"),
+    };
+    packages::ensure(packages::TESTS)?;
+    let vmlinux = kernel::build(cache)?;
+    let initramfs = images::build_initramfs(cache)?;
+    sh::run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(sh::workspace_root())
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "warren-benches",
+                "--bin",
+                bin,
+                "--",
+            ])
+            .args(args)
+            .env("WARREN_KERNEL", vmlinux)
+            .env("WARREN_INITRAMFS", initramfs),
+    )
+}

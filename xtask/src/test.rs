@@ -1,0 +1,82 @@
+//! `cargo xtask test`: lint, build what the tests boot, run every test.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+use warren_images::Cache;
+
+use crate::{images, kernel, packages, sh};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Skip `cargo fmt --check` and `cargo clippy`.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Passed to the test runner (e.g. a test-name filter).
+    #[arg(trailing_var_arg = true)]
+    pub runner_args: Vec<String>,
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(sh::workspace_root());
+    c
+}
+
+/// Runs the whole suite.
+pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
+    eprintln!("xtask: host: {}", vmm::host::HostVirt::detect().describe());
+    packages::ensure(packages::TESTS)?;
+    if !args.no_lint {
+        eprintln!("xtask: cargo fmt --check");
+        sh::run(cargo().args(["fmt", "--all", "--check"]))?;
+        eprintln!("xtask: cargo clippy --all-targets -- -D warnings");
+        sh::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--quiet",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    let vmlinux = kernel::build(cache)?;
+    let initramfs = images::build_initramfs(cache)?;
+    eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
+    sh::run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "warren-protocol",
+        "--no-default-features",
+    ]))?;
+    run_tests(&vmlinux, &initramfs, &args.runner_args)
+}
+
+fn run_tests(vmlinux: &Path, initramfs: &Path, extra: &[String]) -> Result<()> {
+    let nextest = cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut cmd = cargo();
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        eprintln!("xtask: cargo-nextest not found; using cargo test");
+        cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    if !extra.is_empty() {
+        if !nextest {
+            cmd.arg("--");
+        }
+        cmd.args(extra);
+    }
+    cmd.env("WARREN_KERNEL", vmlinux)
+        .env("WARREN_INITRAMFS", initramfs);
+    eprintln!("xtask: {}", sh::describe(&cmd));
+    sh::run(&mut cmd)
+}
