@@ -10,6 +10,7 @@
 mod images;
 mod kernel;
 mod packages;
+mod probe;
 mod run;
 mod sh;
 mod test;
@@ -38,6 +39,8 @@ enum Cmd {
     Images,
     /// Build the kernel and the images.
     Build,
+    /// Build the probe guest (for the VMM's tests and benchmarks).
+    Probe,
     /// Build everything and run the main job.
     Run,
     /// Lint, build what tests need and run every test.
@@ -68,6 +71,9 @@ fn main() -> Result<()> {
         Cmd::Build => {
             println!("{}", kernel::build(&cache)?.display());
             println!("{}", images::build_initramfs(&cache)?.display());
+        }
+        Cmd::Probe => {
+            println!("{}", probe::build()?.display());
         }
         Cmd::Run => run::run(&cache)?,
         Cmd::Test(args) => test::run(&cache, args)?,

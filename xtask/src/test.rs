@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::Result;
 use warren_images::Cache;
 
-use crate::{images, kernel, packages, sh};
+use crate::{images, kernel, packages, probe, sh};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args, Debug)]
@@ -42,7 +42,9 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        probe::lint()?;
     }
+    let probe = probe::build()?;
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
     eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
@@ -53,10 +55,10 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
         "warren-protocol",
         "--no-default-features",
     ]))?;
-    run_tests(&vmlinux, &initramfs, &args.runner_args)
+    run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)
 }
 
-fn run_tests(vmlinux: &Path, initramfs: &Path, extra: &[String]) -> Result<()> {
+fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, extra: &[String]) -> Result<()> {
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -76,7 +78,8 @@ fn run_tests(vmlinux: &Path, initramfs: &Path, extra: &[String]) -> Result<()> {
         cmd.args(extra);
     }
     cmd.env("WARREN_KERNEL", vmlinux)
-        .env("WARREN_INITRAMFS", initramfs);
+        .env("WARREN_INITRAMFS", initramfs)
+        .env("WARREN_PROBE", probe);
     eprintln!("xtask: {}", sh::describe(&cmd));
     sh::run(&mut cmd)
 }

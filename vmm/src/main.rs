@@ -1,0 +1,124 @@
+//! `vmm`: runs one microVM until the guest ends it or the VMM is told to
+//! stop, then scrubs guest memory and reports.
+//!
+//! Exit codes: 0 when the guest reset or powered off, or on SIGTERM/SIGINT;
+//! 1 when a vCPU failed; 2 when the configuration or host is unusable.
+//! The last line on stdout is a JSON report of how the VM ended.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{VmConfig, DEFAULT_CMDLINE};
+use vmm::host::HostVirt;
+use vmm::runner;
+
+/// Run one Warren microVM.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// JSON configuration file (the flags below are then ignored).
+    #[arg(long, conflicts_with_all = ["kernel"])]
+    config: Option<PathBuf>,
+    /// 64-bit ELF kernel.
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Host side of virtio-vsock (Unix socket path).
+    #[arg(long)]
+    vsock_socket: Option<PathBuf>,
+    /// Control socket path.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Read-only disk image.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Emulate COM1, output to stderr.
+    #[arg(long)]
+    serial: bool,
+    /// Print boot-timer stamps on stdout as they arrive.
+    #[arg(long)]
+    boot_timer: bool,
+    /// Log filter.
+    #[arg(long, default_value = "warn")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let cfg = match &args.config {
+        Some(path) => match VmConfig::from_json_file(path) {
+            Ok(c) => c,
+            Err(e) => return fail(2, &e.to_string()),
+        },
+        None => VmConfig {
+            kernel: args.kernel.clone().expect("clap requires --kernel"),
+            initramfs: args.initramfs,
+            vcpus: args.vcpus,
+            mem_mib: args.mem_mib,
+            cmdline: args.cmdline,
+            vsock_socket: args.vsock_socket,
+            control_socket: args.control_socket,
+            disk: args.disk,
+            serial: args.serial,
+            boot_timer: args.boot_timer,
+        },
+    };
+    let host = HostVirt::detect();
+    if host.pvm && !host.hardware_virt {
+        tracing::warn!("{}", host.describe());
+    }
+    runner::block_exit_signals();
+    let report_stamps = cfg.boot_timer;
+    let result = runner::run(&cfg, |s| {
+        if report_stamps {
+            println!(
+                "{}",
+                serde_json::json!({"event": "boot_timer", "value": s.value, "monotonic_ns": s.monotonic_ns})
+            );
+        }
+    });
+    match result {
+        Ok(out) => {
+            let code = if out.reason.is_clean() { 0 } else { 1 };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "exit",
+                    "reason": out.reason.name(),
+                    "detail": format!("{:?}", out.reason),
+                    "exit_code": code,
+                    "build_ns": out.build_ns,
+                    "scrub": out.scrub,
+                })
+            );
+            ExitCode::from(code)
+        }
+        Err(e) => fail(2, &e.to_string()),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("vmm: {msg}");
+    println!(
+        "{}",
+        serde_json::json!({"event": "error", "error": msg, "exit_code": code})
+    );
+    ExitCode::from(code)
+}

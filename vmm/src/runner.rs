@@ -1,0 +1,228 @@
+//! One VM's life: build it, run its vCPUs, wait for the end, scrub.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use nix::sys::signal::{SigSet, Signal};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::{loader, mptable, params};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::boot_timer::{BootTimer, Stamp, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
+use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
+use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::Bus;
+use crate::event::{ExitReason, VmEvent};
+use crate::memory::{GuestRam, MemoryError};
+use crate::scrub::{scrub, ScrubError, ScrubReport};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{self, VmError};
+
+/// Signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Everything that can stop a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A vCPU could not be created.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The boot files could not be loaded.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// A boot structure could not be written.
+    #[error(transparent)]
+    Boot(#[from] crate::boot::cpu::BootWriteError),
+    /// Device setup failed.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// Scrubbing failed.
+    #[error(transparent)]
+    Scrub(#[from] ScrubError),
+}
+
+/// How a VM ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Why it stopped.
+    pub reason: ExitReason,
+    /// What the scrub did.
+    pub scrub: ScrubReport,
+    /// Boot-timer stamps, in order.
+    pub stamps: Vec<Stamp>,
+    /// Nanoseconds from the start of [`run`] to KVM_RUN on the boot vCPU.
+    pub build_ns: u64,
+}
+
+/// Builds and runs the VM described by `cfg` until it ends.
+///
+/// `on_stamp` sees boot-timer stamps as they arrive. SIGTERM and SIGINT
+/// must be blocked in the calling thread (see [`block_exit_signals`]) so
+/// that the waiter thread started here receives them.
+pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, VmmError> {
+    let started = Instant::now();
+    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    let max_vcpus = (kvm.get_max_vcpus() as u64).min(mptable::MAX_CPUS.into());
+    cfg.validate(max_vcpus)?;
+
+    let ram = GuestRam::new(cfg.mem_bytes())?;
+    let vm = vm::create(&kvm, &ram)?;
+    let (entry, kernel_end) = loader::load_kernel(&ram.mem, &cfg.kernel)?;
+    let initrd = match &cfg.initramfs {
+        Some(p) => Some(loader::load_initrd(
+            &ram.mem,
+            cfg.mem_bytes(),
+            kernel_end,
+            p,
+        )?),
+        None => None,
+    };
+    let cmdline_len = loader::load_cmdline(&ram.mem, &cfg.cmdline)?;
+    params::write_zero_page(&ram.mem, cfg.mem_bytes(), cmdline_len, initrd)?;
+    mptable::write(&ram.mem, cfg.vcpus)?;
+
+    let (events, rx) = channel();
+    let pio = port_bus(cfg, &vm, &events)?;
+    let mmio = Bus::new();
+
+    let vcpus = (0..cfg.vcpus)
+        .map(|id| Vcpu::new(&kvm, &vm, &ram.mem, id, cfg.vcpus, entry))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    // SAFETY: the handler does nothing; its only effect is to make
+    // KVM_RUN return EINTR in the thread it is delivered to.
+    extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
+    spawn_signal_waiter(events.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let build_ns = started.elapsed().as_nanos() as u64;
+    let threads: Vec<JoinHandle<()>> = vcpus
+        .into_iter()
+        .map(|v| {
+            let (pio, mmio, events, stop) =
+                (pio.clone(), mmio.clone(), events.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", v.id))
+                .spawn(move || v.run(pio, mmio, events, stop))
+                .map_err(|e| VmmError::Device(format!("cannot start a vCPU thread: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+
+    let mut stamps = Vec::new();
+    let reason = loop {
+        match rx.recv() {
+            Ok(VmEvent::BootStamp(s)) => {
+                on_stamp(&s);
+                stamps.push(s);
+            }
+            Ok(VmEvent::Exit(r)) => break r,
+            Err(_) => {
+                break ExitReason::VcpuError("every vCPU thread ended without a reason".into())
+            }
+        }
+    };
+    tracing::info!(reason = reason.name(), "stopping the VM");
+    stop_vcpus(&stop, threads);
+    let scrub = scrub(&ram.mem)?;
+    tracing::info!(bytes = scrub.bytes, ns = scrub.ns, "guest memory scrubbed");
+    drop(vm);
+    Ok(Outcome {
+        reason,
+        scrub,
+        stamps,
+        build_ns,
+    })
+}
+
+fn port_bus(
+    cfg: &VmConfig,
+    vm: &kvm_ioctls::VmFd,
+    events: &Sender<VmEvent>,
+) -> Result<Bus, VmmError> {
+    let dev = |e: crate::devices::Overlap| VmmError::Device(e.to_string());
+    let mut pio = Bus::new();
+    pio.insert(
+        I8042_PORT,
+        I8042_LEN,
+        Arc::new(Mutex::new(I8042::new(events.clone()))),
+    )
+    .map_err(dev)?;
+    pio.insert(
+        BOOT_TIMER_PORT,
+        BOOT_TIMER_LEN,
+        Arc::new(Mutex::new(BootTimer::new(events.clone()))),
+    )
+    .map_err(dev)?;
+    if cfg.serial {
+        let irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::Device(format!("eventfd: {e}")))?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(|e| VmmError::Device(format!("irqfd for COM1: {e}")))?;
+        let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
+        pio.insert(
+            COM1_PORT,
+            COM1_LEN,
+            Arc::new(Mutex::new(SerialConsole::new(irq, out))),
+        )
+        .map_err(dev)?;
+    }
+    Ok(pio)
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and the threads it
+/// starts afterwards), so one waiter thread can take them synchronously.
+pub fn block_exit_signals() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    let _ = set.thread_block();
+}
+
+fn spawn_signal_waiter(events: Sender<VmEvent>) {
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGTERM);
+            set.add(Signal::SIGINT);
+            if let Ok(sig) = set.wait() {
+                tracing::info!(signal = %sig, "stopping on signal");
+                let _ = events.send(VmEvent::Exit(ExitReason::Signal(sig as i32)));
+            }
+        });
+}
+
+/// Stops every vCPU thread: raise the flag, then kick each out of KVM_RUN
+/// until it has returned (a kick that lands just before KVM_RUN is
+/// repeated, so no wake-up is lost).
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        while !t.is_finished() {
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = t.join();
+    }
+}
