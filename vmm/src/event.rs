@@ -14,6 +14,8 @@ pub enum ExitReason {
     GuestHalted,
     /// The VMM got SIGTERM or SIGINT.
     Signal(i32),
+    /// `shutdown` on the control socket.
+    ControlShutdown,
     /// A vCPU failed: a KVM error or an exit the VMM does not handle.
     VcpuError(String),
 }
@@ -26,6 +28,7 @@ impl ExitReason {
             ExitReason::GuestPowerOff => "guest_poweroff",
             ExitReason::GuestHalted => "guest_halted",
             ExitReason::Signal(_) => "signal",
+            ExitReason::ControlShutdown => "control_shutdown",
             ExitReason::VcpuError(_) => "vcpu_error",
         }
     }

@@ -9,11 +9,13 @@
 //! - [`vstate`]: the KVM VM and vCPUs;
 //! - [`devices`]: the port bus, i8042, 8250 serial, boot timer;
 //! - [`runner`]: one VM's life from build to scrub;
+//! - [`control`]: the control socket (pause, resume, stats, shutdown);
 //! - [`scrub`]: zeroing every touched guest page before release;
 //! - [`host`]: what virtualization the host offers (PVM or not).
 
 pub mod boot;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod event;
 pub mod host;

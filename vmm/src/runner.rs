@@ -1,18 +1,19 @@
 //! One VM's life: build it, run its vCPUs, wait for the end, scrub.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::net::UnixListener;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 use nix::sys::signal::{SigSet, Signal};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
 use crate::boot::{loader, mptable, params};
 use crate::config::{ConfigError, VmConfig};
+use crate::control::{self, Control};
 use crate::devices::boot_timer::{BootTimer, Stamp, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
@@ -20,13 +21,9 @@ use crate::devices::Bus;
 use crate::event::{ExitReason, VmEvent};
 use crate::memory::{GuestRam, MemoryError};
 use crate::scrub::{scrub, ScrubError, ScrubReport};
+use crate::vstate::run_state::{kick_signal, RunState};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{self, VmError};
-
-/// Signal used to kick vCPU threads out of KVM_RUN.
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
 
 /// Everything that can stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -86,27 +83,32 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
 
     let ram = GuestRam::new(cfg.mem_bytes())?;
     let vm = vm::create(&kvm, &ram)?;
-    let (entry, kernel_end) = loader::load_kernel(&ram.mem, &cfg.kernel)?;
-    let initrd = match &cfg.initramfs {
-        Some(p) => Some(loader::load_initrd(
-            &ram.mem,
-            cfg.mem_bytes(),
-            kernel_end,
-            p,
-        )?),
-        None => None,
-    };
-    let cmdline_len = loader::load_cmdline(&ram.mem, &cfg.cmdline)?;
-    params::write_zero_page(&ram.mem, cfg.mem_bytes(), cmdline_len, initrd)?;
-    mptable::write(&ram.mem, cfg.vcpus)?;
-
     let (events, rx) = channel();
-    let pio = port_bus(cfg, &vm, &events)?;
+    let (entry, vcpus, pio) = std::thread::scope(|s| -> Result<_, VmmError> {
+        let pit = s.spawn(|| crate::vstate::vm::create_pit(&vm));
+        let (entry, kernel_end) = loader::load_kernel(&ram.mem, &cfg.kernel)?;
+        let initrd = match &cfg.initramfs {
+            Some(p) => Some(loader::load_initrd(
+                &ram.mem,
+                cfg.mem_bytes(),
+                kernel_end,
+                p,
+            )?),
+            None => None,
+        };
+        let cmdline_len = loader::load_cmdline(&ram.mem, &cfg.cmdline)?;
+        params::write_zero_page(&ram.mem, cfg.mem_bytes(), cmdline_len, initrd)?;
+        mptable::write(&ram.mem, cfg.vcpus)?;
+        let pio = port_bus(cfg, &vm, &events)?;
+        let vcpus = (0..cfg.vcpus)
+            .map(|id| Vcpu::new(&kvm, &vm, &ram.mem, id, cfg.vcpus, entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        pit.join()
+            .map_err(|_| VmmError::Device("the PIT thread panicked".into()))??;
+        Ok((entry, vcpus, pio))
+    })?;
+    tracing::debug!(entry, "guest loaded");
     let mmio = Bus::new();
-
-    let vcpus = (0..cfg.vcpus)
-        .map(|id| Vcpu::new(&kvm, &vm, &ram.mem, id, cfg.vcpus, entry))
-        .collect::<Result<Vec<_>, _>>()?;
 
     // SAFETY: the handler does nothing; its only effect is to make
     // KVM_RUN return EINTR in the thread it is delivered to.
@@ -115,16 +117,34 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
     spawn_signal_waiter(events.clone());
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(RunState::new(vcpus.len()));
+    let ram = Arc::new(ram);
+    let _control = match &cfg.control_socket {
+        Some(path) => {
+            let listener = UnixListener::bind(path)
+                .map_err(|e| VmmError::Device(format!("control socket {}: {e}", path.display())))?;
+            control::spawn(
+                listener,
+                Control {
+                    state: state.clone(),
+                    ram: ram.clone(),
+                    events: events.clone(),
+                },
+            )
+            .map_err(|e| VmmError::Device(format!("control thread: {e}")))?;
+            Some(RemoveOnDrop(path.clone()))
+        }
+        None => None,
+    };
     let build_ns = started.elapsed().as_nanos() as u64;
     let threads: Vec<JoinHandle<()>> = vcpus
         .into_iter()
         .map(|v| {
-            let (pio, mmio, events, stop) =
-                (pio.clone(), mmio.clone(), events.clone(), stop.clone());
+            let (pio, mmio, events, state) =
+                (pio.clone(), mmio.clone(), events.clone(), state.clone());
             std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
-                .spawn(move || v.run(pio, mmio, events, stop))
+                .spawn(move || v.run(pio, mmio, events, state))
                 .map_err(|e| VmmError::Device(format!("cannot start a vCPU thread: {e}")))
         })
         .collect::<Result<_, _>>()?;
@@ -143,8 +163,8 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         }
     };
     tracing::info!(reason = reason.name(), "stopping the VM");
-    stop_vcpus(&stop, threads);
-    let scrub = scrub(&ram.mem)?;
+    state.stop_and_join(threads);
+    let scrub = scrub(&ram)?;
     tracing::info!(bytes = scrub.bytes, ns = scrub.ns, "guest memory scrubbed");
     drop(vm);
     Ok(Outcome {
@@ -213,16 +233,11 @@ fn spawn_signal_waiter(events: Sender<VmEvent>) {
         });
 }
 
-/// Stops every vCPU thread: raise the flag, then kick each out of KVM_RUN
-/// until it has returned (a kick that lands just before KVM_RUN is
-/// repeated, so no wake-up is lost).
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    for t in threads {
-        while !t.is_finished() {
-            let _ = t.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let _ = t.join();
+/// Removes a socket file when the VM ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

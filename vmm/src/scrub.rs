@@ -1,13 +1,20 @@
 //! Overwriting every guest page that was ever touched, before the memory
 //! is released.
 //!
-//! `mincore(2)` on the shared memfd mapping says which pages exist in the
-//! page cache — exactly the ones the guest (or the VMM) ever touched; pages
-//! never touched were never allocated, hold nothing and cost nothing here.
+//! Guest memory is a memfd, and a page of a memfd exists only once it has
+//! been touched. `lseek(SEEK_DATA / SEEK_HOLE)` walks exactly those pages,
+//! extent by extent, so the cost follows what the guest used — a few
+//! microseconds for a guest that touched little — rather than its size
+//! (mincore over 128 MiB took 1.5 ms here).
 
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
+use nix::errno::Errno;
+use nix::unistd::{lseek, Whence};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestRam;
 
 /// What a scrub did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -20,60 +27,66 @@ pub struct ScrubReport {
 
 /// Failures of a scrub.
 #[derive(Debug, thiserror::Error)]
-#[error("scrub: mincore failed: {0}")]
-pub struct ScrubError(std::io::Error);
+#[error("scrub: {0}")]
+pub struct ScrubError(String);
 
-/// Zeroes every resident page of `mem`.
-pub fn scrub(mem: &vm_memory::GuestMemoryMmap) -> Result<ScrubReport, ScrubError> {
+/// Zeroes every allocated page of `ram`.
+pub fn scrub(ram: &GuestRam) -> Result<ScrubReport, ScrubError> {
     let started = Instant::now();
-    let page = page_size();
-    let mut bytes = 0u64;
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        let host = region.as_ptr();
-        let pages = len.div_ceil(page);
-        let mut resident = vec![0u8; pages];
-        // SAFETY: `host` is the start of this region's live mapping of
-        // `len` bytes, page aligned by mmap; `resident` has one byte per
-        // page, as mincore requires.
-        let rc = unsafe { libc::mincore(host.cast(), len, resident.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(ScrubError(std::io::Error::last_os_error()));
-        }
-        let mut i = 0;
-        while i < pages {
-            if resident[i] & 1 == 0 {
-                i += 1;
-                continue;
-            }
-            // Zero a run of resident pages at once.
-            let start = i;
-            while i < pages && resident[i] & 1 == 1 {
-                i += 1;
-            }
-            let off = start * page;
-            let run = (i * page).min(len) - off;
-            // SAFETY: [off, off + run) lies inside the region's mapping,
-            // which stays mapped for the borrow of `mem`; no vCPU runs any
-            // more when the VMM scrubs, so nothing else accesses it.
-            unsafe { std::ptr::write_bytes(host.add(off), 0, run) };
-            bytes += run as u64;
-        }
-    }
+    let bytes = walk_touched(ram, |host, len| {
+        // SAFETY: `walk_touched` hands out ranges inside a live mapping of
+        // guest memory, which stays mapped while `ram` is borrowed; no
+        // vCPU runs any more when the VMM scrubs.
+        unsafe { std::ptr::write_bytes(host, 0, len) }
+    })?;
     Ok(ScrubReport {
         bytes,
         ns: started.elapsed().as_nanos() as u64,
     })
 }
 
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as usize
-    } else {
-        4096
+/// Bytes of guest memory ever touched.
+pub fn touched_bytes(ram: &GuestRam) -> Result<u64, ScrubError> {
+    walk_touched(ram, |_, _| {})
+}
+
+/// Calls `f(host_address, len)` for each extent of allocated guest pages;
+/// returns their total size.
+fn walk_touched(ram: &GuestRam, mut f: impl FnMut(*mut u8, usize)) -> Result<u64, ScrubError> {
+    let fd = ram.file.as_raw_fd();
+    let mut bytes = 0u64;
+    for region in ram.mem.iter() {
+        let file_start = region
+            .file_offset()
+            .map(|f| f.start())
+            .ok_or_else(|| ScrubError("guest memory region without a backing file".into()))?;
+        let len = region.len();
+        let file_end = file_start + len;
+        let host = region.as_ptr();
+        let mut pos = file_start;
+        while pos < file_end {
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(Errno::ENXIO) => break, // no data after pos
+                Err(e) => return Err(ScrubError(format!("SEEK_DATA: {e}"))),
+            };
+            if data >= file_end {
+                break;
+            }
+            let hole = lseek(fd, data as i64, Whence::SeekHole)
+                .map_err(|e| ScrubError(format!("SEEK_HOLE: {e}")))? as u64;
+            let hole = hole.min(file_end);
+            // [data, hole) lies inside this region's part of the file, so
+            // the offset lies inside the region's mapping of `len` bytes.
+            f(
+                host.wrapping_add((data - file_start) as usize),
+                (hole - data) as usize,
+            );
+            bytes += hole - data;
+            pos = hole;
+        }
     }
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -93,7 +106,7 @@ mod tests {
                 .write_slice(&[0xA5; 4096], GuestAddress(addr))
                 .unwrap();
         }
-        let report = scrub(&ram.mem).unwrap();
+        let report = scrub(&ram).unwrap();
         assert_eq!(report.bytes, 3 * 4096, "{report:?}");
         drop(ram);
         // The memory as the memfd holds it after teardown: all zero.
@@ -116,6 +129,6 @@ mod tests {
             .write_slice(&[1; 8192], GuestAddress(crate::layout::MMIO_END))
             .unwrap();
         ram.mem.write_slice(&[1; 4096], GuestAddress(0)).unwrap();
-        assert_eq!(scrub(&ram.mem).unwrap().bytes, 3 * 4096);
+        assert_eq!(scrub(&ram).unwrap().bytes, 3 * 4096);
     }
 }

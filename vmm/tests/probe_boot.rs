@@ -251,3 +251,73 @@ fn bad_inputs_are_refused_with_a_clear_error() {
     std::fs::write(d("bad.json"), "{\"kernel\": 5}").unwrap();
     refused(&["--config", &d("bad.json")], "bad.json");
 }
+
+/// One request on the control socket.
+fn control(sock: &std::path::Path, req: &str) -> Value {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+#[test]
+fn control_socket_pauses_resumes_reports_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let mut child = vmm()
+        .arg("--kernel")
+        .arg(probe())
+        .args([
+            "--cmdline",
+            "probe.mode=halt",
+            "--boot-timer",
+            "--vcpus",
+            "2",
+        ])
+        .arg("--control-socket")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("boot_timer"));
+
+    assert_eq!(control(&sock, r#"{"op":"pause"}"#)["ok"], true);
+    let st = control(&sock, r#"{"op":"stats"}"#);
+    assert_eq!(st["ok"], true, "{st}");
+    assert_eq!(st["stats"]["paused"], true);
+    let threads = st["stats"]["threads"].as_array().unwrap();
+    let names: Vec<_> = threads
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"vcpu0") && names.contains(&"vcpu1"),
+        "{names:?}"
+    );
+    assert!(st["stats"]["guest_touched_bytes"].as_u64().unwrap() > 0);
+    assert!(st["stats"]["rss_kib"].as_u64().unwrap() > 0);
+    assert_eq!(control(&sock, r#"{"op":"resume"}"#)["ok"], true);
+    assert_eq!(
+        control(&sock, r#"{"op":"stats"}"#)["stats"]["paused"],
+        false
+    );
+
+    // Garbage gets an error, not a dead VMM.
+    let bad = control(&sock, "{\"op\": 7}");
+    assert_eq!(bad["ok"], false);
+    assert!(child.try_wait().unwrap().is_none());
+
+    assert_eq!(
+        control(&sock, r#"{"op":"shutdown","timeout_ms":0}"#)["ok"],
+        true
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let exit: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(exit["reason"], "control_shutdown");
+    assert!(!sock.exists(), "control socket left behind");
+}

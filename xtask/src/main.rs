@@ -45,7 +45,8 @@ enum Cmd {
     Run,
     /// Lint, build what tests need and run every test.
     Test(test::TestArgs),
-    /// Run a benchmark: `kernel-boot` (guest instructions to /init and hello).
+    /// Run a benchmark: `coldstart` (VMM spawn to guest, probe guest) or
+    /// `kernel-boot` (guest instructions to /init and hello, under QEMU).
     Bench {
         /// The benchmark.
         name: String,
@@ -85,28 +86,40 @@ fn main() -> Result<()> {
 /// Benchmarks live in `benches/` as binaries; build what they boot, then
 /// run the binary in release mode.
 fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
-    let bin = match name {
-        "kernel-boot" => "kernel-boot",
-        other => anyhow::bail!("unknown benchmark {other:?}; available: kernel-boot"),
+    let root = sh::workspace_root();
+    let cargo = || {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(&root);
+        c
     };
-    packages::ensure(packages::TESTS)?;
-    let vmlinux = kernel::build(cache)?;
-    let initramfs = images::build_initramfs(cache)?;
+    let mut cmd = cargo();
+    match name {
+        "kernel-boot" => {
+            packages::ensure(packages::TESTS)?;
+            cmd.env("WARREN_KERNEL", kernel::build(cache)?)
+                .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);
+        }
+        "coldstart" => {
+            sh::run(cargo().args(["build", "--release", "--quiet", "-p", "vmm"]))?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            cmd.env("WARREN_PROBE", probe::build()?)
+                .env("WARREN_VMM", target.join("release/vmm"));
+        }
+        other => anyhow::bail!("unknown benchmark {other:?}; available: coldstart, kernel-boot"),
+    }
     sh::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(sh::workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "warren-benches",
-                "--bin",
-                bin,
-                "--",
-            ])
-            .args(args)
-            .env("WARREN_KERNEL", vmlinux)
-            .env("WARREN_INITRAMFS", initramfs),
+        cmd.args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "warren-benches",
+            "--bin",
+            name,
+            "--",
+        ])
+        .args(args),
     )
 }

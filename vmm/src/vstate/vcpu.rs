@@ -1,6 +1,5 @@
 //! One vCPU: its boot state and its run loop.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -13,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::boot::{cpu, cpuid};
 use crate::devices::Bus;
 use crate::event::{ExitReason, VmEvent};
+use crate::vstate::run_state::RunState;
 
 /// Failures configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -142,10 +142,12 @@ impl Vcpu {
         Ok(Vcpu { id, fd })
     }
 
-    /// Runs the vCPU until the guest ends the VM, an error, or `stop`.
-    pub fn run(mut self, pio: Bus, mmio: Bus, events: Sender<VmEvent>, stop: Arc<AtomicBool>) {
+    /// Runs the vCPU until the guest ends the VM, an error, or a stop;
+    /// parks it while a pause is asked for.
+    pub fn run(mut self, pio: Bus, mmio: Bus, events: Sender<VmEvent>, state: Arc<RunState>) {
+        state.register_current_thread();
         let reason = loop {
-            if stop.load(Ordering::Acquire) {
+            if !state.checkpoint() {
                 return;
             }
             match self.fd.run() {

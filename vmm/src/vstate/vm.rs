@@ -27,7 +27,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// Creates the VM with `ram` registered and the in-kernel irqchip and PIT.
+/// Creates the VM with `ram` registered and the in-kernel irqchip (the PIT
+/// comes separately, see [`create_pit`]).
 pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     for (slot, region) in ram.mem.iter().enumerate() {
@@ -47,10 +48,16 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    Ok(vm)
+}
+
+/// Adds the in-kernel PIT. It takes about 3 ms here (KVM starts a worker
+/// thread for it), so the runner does it in parallel with loading the
+/// kernel and creating the vCPUs.
+pub fn create_pit(vm: &VmFd) -> Result<(), VmError> {
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    Ok(vm)
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
 }

@@ -1,0 +1,264 @@
+//! The control socket: a few commands while the VM runs.
+//!
+//! A Unix stream socket; each request is one line of JSON and gets one line
+//! of JSON back:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `{"op":"pause"}` | `{"ok":true}` once every vCPU is parked |
+//! | `{"op":"resume"}` | `{"ok":true}` |
+//! | `{"op":"stats"}` | `{"ok":true,"stats":{…}}`: per-thread on-CPU ns, RSS, guest bytes touched |
+//! | `{"op":"shutdown","timeout_ms":N}` | `{"ok":true}`, then the VM ends |
+//!
+//! A malformed line gets `{"ok":false,"error":"…"}` and the connection
+//! stays open.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::event::{ExitReason, VmEvent};
+use crate::memory::GuestRam;
+use crate::scrub::touched_bytes;
+use crate::vstate::run_state::RunState;
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 * 1024;
+/// How long a pause may take before it is reported as failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A control request.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Park every vCPU. (Struct variants, so unknown fields are refused.)
+    Pause {},
+    /// Let them run again.
+    Resume {},
+    /// Report resource use.
+    Stats {},
+    /// End the VM.
+    Shutdown {
+        /// Grace period, milliseconds (default 0).
+        #[serde(default)]
+        timeout_ms: u64,
+    },
+}
+
+/// One thread of the VMM process.
+#[derive(Debug, Serialize)]
+pub struct ThreadStats {
+    /// Kernel thread id.
+    pub tid: i32,
+    /// Thread name (`vcpu0`, …).
+    pub name: String,
+    /// Time on CPU, nanoseconds (schedstat).
+    pub cpu_ns: u64,
+}
+
+/// What `stats` answers.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    /// Every thread of the process.
+    pub threads: Vec<ThreadStats>,
+    /// Sum over the vCPU threads.
+    pub vcpu_cpu_ns: u64,
+    /// Resident set of the process, KiB.
+    pub rss_kib: u64,
+    /// Guest memory bytes ever touched.
+    pub guest_touched_bytes: u64,
+    /// Whether the vCPUs are paused.
+    pub paused: bool,
+}
+
+/// Everything the control thread needs.
+pub struct Control {
+    /// vCPU run state.
+    pub state: Arc<RunState>,
+    /// Guest memory (for touched-page counts).
+    pub ram: Arc<GuestRam>,
+    /// To end the VM.
+    pub events: Sender<VmEvent>,
+}
+
+/// Serves `listener` on a thread of its own until the process exits.
+pub fn spawn(listener: UnixListener, ctl: Control) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = serve(c, &ctl) {
+                            tracing::debug!(error = %e, "control connection ended");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(conn: UnixStream, ctl: &Control) -> std::io::Result<()> {
+    let mut out = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n =
+            std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let answer = if n > MAX_LINE {
+            // Drop the rest of the oversized line.
+            let mut rest = Vec::new();
+            reader.read_until(b'\n', &mut rest)?;
+            json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+        } else {
+            match std::str::from_utf8(&line) {
+                Ok(text) => handle(text.trim(), ctl),
+                Err(_) => json!({"ok": false, "error": "request is not UTF-8"}),
+            }
+        };
+        writeln!(out, "{answer}")?;
+    }
+}
+
+/// Answers one request line.
+pub fn handle(line: &str, ctl: &Control) -> Value {
+    let req: ControlRequest = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    match req {
+        ControlRequest::Pause {} => match ctl.state.pause(PAUSE_TIMEOUT) {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        ControlRequest::Resume {} => {
+            ctl.state.resume();
+            json!({"ok": true})
+        }
+        ControlRequest::Stats {} => match stats(ctl) {
+            Ok(s) => json!({"ok": true, "stats": s}),
+            Err(e) => json!({"ok": false, "error": e}),
+        },
+        ControlRequest::Shutdown { timeout_ms } => {
+            // The guest cannot be asked yet (that needs the guest channel
+            // over vsock); the grace period is honoured, then the VM ends.
+            let events = ctl.events.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(timeout_ms));
+                let _ = events.send(VmEvent::Exit(ExitReason::ControlShutdown));
+            });
+            json!({"ok": true})
+        }
+    }
+}
+
+fn stats(ctl: &Control) -> Result<Stats, String> {
+    let vcpus = ctl.state.vcpu_tids();
+    let mut threads = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let dir = entry.path();
+        let name = std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let cpu_ns = std::fs::read_to_string(dir.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+            .unwrap_or(0);
+        threads.push(ThreadStats { tid, name, cpu_ns });
+    }
+    threads.sort_by_key(|t| t.tid);
+    let vcpu_cpu_ns = threads
+        .iter()
+        .filter(|t| vcpus.contains(&t.tid))
+        .map(|t| t.cpu_ns)
+        .sum();
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let rss_kib = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Stats {
+        threads,
+        vcpu_cpu_ns,
+        rss_kib,
+        guest_touched_bytes: touched_bytes(&ctl.ram).map_err(|e| e.to_string())?,
+        paused: ctl.state.paused(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctl() -> (Control, std::sync::mpsc::Receiver<VmEvent>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (
+            Control {
+                state: Arc::new(RunState::new(0)),
+                ram: Arc::new(GuestRam::new(16 << 20).unwrap()),
+                events: tx,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn malformed_and_unknown_requests_are_errors_naming_the_problem() {
+        let (c, _rx) = ctl();
+        for (line, needle) in [
+            ("not json", "bad request"),
+            (r#"{"op":"explode"}"#, "explode"),
+            (r#"{"op":"pause","x":1}"#, "x"),
+        ] {
+            let v = handle(line, &c);
+            assert_eq!(v["ok"], false, "{line}");
+            assert!(v["error"].as_str().unwrap().contains(needle), "{line}: {v}");
+        }
+    }
+
+    #[test]
+    fn stats_count_threads_and_touched_memory() {
+        let (c, _rx) = ctl();
+        use vm_memory::{Bytes, GuestAddress};
+        c.ram
+            .mem
+            .write_slice(&[1; 8192], GuestAddress(0x10000))
+            .unwrap();
+        let v = handle(r#"{"op":"stats"}"#, &c);
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["stats"]["guest_touched_bytes"], 8192);
+        assert!(v["stats"]["rss_kib"].as_u64().unwrap() > 0);
+        assert!(!v["stats"]["threads"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn shutdown_ends_the_vm_after_its_grace_period() {
+        let (c, rx) = ctl();
+        assert_eq!(
+            handle(r#"{"op":"shutdown","timeout_ms":10}"#, &c)["ok"],
+            true
+        );
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(VmEvent::Exit(ExitReason::ControlShutdown))
+        ));
+    }
+}
