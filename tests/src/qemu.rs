@@ -19,9 +19,13 @@ use warren_protocol::client::{AgentClient, ClientError};
 pub const AGENT_PORT_NAME: &str = "warren.0";
 
 /// Kernel command line used for every QEMU boot. `tsc=reliable` and a
-/// preset `lpj` skip calibrations that stall under emulation; `panic=-1`
-/// turns a panic into a reset, which `-no-reboot` turns into QEMU exiting.
-pub const BASE_CMDLINE: &str = "console=ttyS0 tsc=reliable lpj=5000000 panic=-1 reboot=t";
+/// preset `lpj` skip calibrations that stall under emulation;
+/// `cpu_init_udelay=0` drops the 10 ms INIT delay the emulated (AMD family
+/// 0xf) CPU would get per secondary CPU; `panic=-1` turns a panic into a
+/// reset, and `reboot=t` makes resets a triple fault (QEMU's microvm has
+/// no i8042), both of which `-no-reboot` turns into QEMU exiting at once.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 tsc=reliable lpj=5000000 cpu_init_udelay=0 panic=-1 reboot=t";
 
 /// How QEMU paces the guest clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

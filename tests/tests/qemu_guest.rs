@@ -17,6 +17,11 @@ fn boot(vcpus: u32) -> qemu::QemuGuest {
     let initramfs = artifacts::initramfs().unwrap_or_else(|e| panic!("{e}"));
     let mut opts = qemu::QemuOptions::new(kernel, initramfs);
     opts.vcpus = vcpus;
+    if vcpus > 1 {
+        // Bringing up a second CPU under TCG with -icount took from 1.5 s
+        // to 44 s here, for no cause found: give it room.
+        opts.boot_timeout = std::time::Duration::from_secs(300);
+    }
     let g = qemu::QemuGuest::boot(&opts).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
         "booted under QEMU TCG ({vcpus} vCPU): spawn -> hello {:?} wall, guest uptime at hello {} ms",

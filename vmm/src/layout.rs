@@ -13,7 +13,8 @@ pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Initial stack pointer.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
-/// Identity-mapping page tables: PML4, PDPT, PD (1 GiB in 2 MiB pages).
+/// Identity-mapping page tables: PML4, PDPT, then four PDs from `PD_ADDR`
+/// (4 GiB in 2 MiB pages, up to 0xefff).
 pub const PML4_ADDR: u64 = 0x9000;
 /// See [`PML4_ADDR`].
 pub const PDPT_ADDR: u64 = 0xa000;

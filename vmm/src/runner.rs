@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{IoEventAddress, Kvm};
 use nix::sys::signal::{SigSet, Signal};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
@@ -17,8 +17,12 @@ use crate::control::{self, Control};
 use crate::devices::boot_timer::{BootTimer, Stamp, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::event::{ExitReason, VmEvent};
+use crate::layout::{MMIO_START, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE};
 use crate::memory::{GuestRam, MemoryError};
 use crate::scrub::{scrub, ScrubError, ScrubReport};
 use crate::vstate::run_state::{kick_signal, RunState};
@@ -96,7 +100,8 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
             )?),
             None => None,
         };
-        let cmdline_len = loader::load_cmdline(&ram.mem, &cfg.cmdline)?;
+        let cmdline = format!("{}{}", cfg.cmdline, mmio_cmdline(cfg));
+        let cmdline_len = loader::load_cmdline(&ram.mem, &cmdline)?;
         params::write_zero_page(&ram.mem, cfg.mem_bytes(), cmdline_len, initrd)?;
         mptable::write(&ram.mem, cfg.vcpus)?;
         let pio = port_bus(cfg, &vm, &events)?;
@@ -108,7 +113,8 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         Ok((entry, vcpus, pio))
     })?;
     tracing::debug!(entry, "guest loaded");
-    let mmio = Bus::new();
+    let mmio = mmio_bus(cfg, &vm, &ram)?;
+    let _vsock_socket = cfg.vsock_socket.clone().map(RemoveOnDrop);
 
     // SAFETY: the handler does nothing; its only effect is to make
     // KVM_RUN return EINTR in the thread it is delivered to.
@@ -173,6 +179,60 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         stamps,
         build_ns,
     })
+}
+
+/// MMIO slot of the vsock device.
+const VSOCK_SLOT: u64 = 0;
+
+/// Base address and IRQ of virtio-mmio slot `n`.
+fn mmio_slot(n: u64) -> (u64, u32) {
+    (
+        MMIO_START + n * VIRTIO_MMIO_SIZE,
+        VIRTIO_IRQ_BASE + n as u32,
+    )
+}
+
+/// `virtio_mmio.device=` entries announcing the devices to the guest.
+fn mmio_cmdline(cfg: &VmConfig) -> String {
+    let mut s = String::new();
+    if cfg.vsock_socket.is_some() {
+        let (base, irq) = mmio_slot(VSOCK_SLOT);
+        s.push_str(&format!(
+            " virtio_mmio.device={}K@{base:#x}:{irq}",
+            VIRTIO_MMIO_SIZE >> 10
+        ));
+    }
+    s
+}
+
+fn mmio_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<Bus, VmmError> {
+    let mut bus = Bus::new();
+    if let Some(path) = &cfg.vsock_socket {
+        let dev =
+            |what: &str, e: &dyn std::fmt::Display| VmmError::Device(format!("vsock {what}: {e}"));
+        let (base, irq) = mmio_slot(VSOCK_SLOT);
+        let vsock =
+            Vsock::new(path.clone()).map_err(|e| dev(&format!("socket {}", path.display()), &e))?;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
+        vm.register_irqfd(&irqfd, irq)
+            .map_err(|e| dev("irqfd", &e))?;
+        let mut events = Vec::new();
+        for q in 0..vsock.queue_max_sizes().len() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(|e| dev("ioeventfd", &e))?;
+            events.push(evt);
+        }
+        let transport = MmioTransport::new(Box::new(vsock), ram.mem.clone(), events, irqfd)
+            .map_err(|e| dev("transport", &e))?;
+        bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(|e| dev("bus", &e))?;
+    }
+    Ok(bus)
 }
 
 fn port_bus(

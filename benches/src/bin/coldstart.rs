@@ -1,23 +1,29 @@
 //! Cold start of one microVM on Warren's VMM, for people who measure it.
 //!
-//! Per run: spawn `vmm` → first guest instruction (the guest's first
-//! boot-timer stamp, compared on CLOCK_MONOTONIC with the spawn time taken
-//! here), and spawn → process exit (the full cycle: build, boot, guest
-//! reset, scrub, exit). One extra run with the guest held running measures
-//! the VMM's own memory: its resident set minus the guest memory it maps.
+//! Per run, all on CLOCK_MONOTONIC from the moment before `vmm` is spawned:
+//! the first guest instruction (the guest's first boot-timer stamp, taken
+//! by the VMM), ready (the guest's hello read from vsock here), and the
+//! full cycle to process exit (shutdown asked right after the hello; the
+//! guest resets, the VMM scrubs and exits). One more run with the guest
+//! up measures the VMM's own memory: its resident set minus the guest
+//! memory it maps.
 //!
 //! `--json` prints exactly one line (the harness contract, see README):
 //! `{"runs":N,"kernel":"probe","vcpus":V,"mem_mib":M,"spawn_to_init_ms":{"p50":…,"p90":…,"p99":…,"max":…},
 //!   "spawn_to_ready_ms":null|{…},"cycle_ms":{…},"vmm_overhead_kib":…}`
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
 use warren_benches::Summary;
+use warren_protocol::client::AgentClient;
+use warren_protocol::AGENT_VSOCK_PORT;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum KernelKind {
@@ -65,12 +71,25 @@ fn monotonic_ns() -> u64 {
 
 struct Run {
     to_init_ms: f64,
+    to_ready_ms: f64,
     cycle_ms: f64,
 }
 
-fn vmm_command(vmm: &PathBuf, kernel: &PathBuf, args: &Args, cmdline: &str) -> Command {
-    let mut c = Command::new(vmm);
-    c.arg("--kernel")
+/// A booted VM with its guest connected.
+struct Booted {
+    child: Child,
+    client: AgentClient<UnixStream, UnixStream>,
+    t_ready: u64,
+    _dir: tempfile::TempDir,
+}
+
+fn spawn_vm(vmm: &Path, kernel: &Path, args: &Args, t0: &mut u64) -> Result<Booted> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("v.sock");
+    let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display()))?;
+    listener.set_nonblocking(true)?;
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel")
         .arg(kernel)
         .args([
             "--vcpus",
@@ -79,17 +98,45 @@ fn vmm_command(vmm: &PathBuf, kernel: &PathBuf, args: &Args, cmdline: &str) -> C
             &args.mem.to_string(),
             "--boot-timer",
         ])
-        .args(["--cmdline", cmdline])
+        .arg("--vsock-socket")
+        .arg(&sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    c
+    *t0 = monotonic_ns();
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.into()),
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("vmm exited ({st}) before the guest connected");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the guest did not connect within 30 s");
+        }
+        std::hint::spin_loop();
+    };
+    stream.set_nonblocking(false)?;
+    let client = AgentClient::handshake(stream.try_clone()?, stream).context("guest hello")?;
+    let t_ready = monotonic_ns();
+    Ok(Booted {
+        child,
+        client,
+        t_ready,
+        _dir: dir,
+    })
 }
 
-fn one_run(vmm: &PathBuf, kernel: &PathBuf, args: &Args) -> Result<Run> {
-    let t0 = monotonic_ns();
-    let mut child = vmm_command(vmm, kernel, args, "probe.mode=reset").spawn()?;
-    let out = BufReader::new(child.stdout.take().expect("piped"));
+fn one_run(vmm: &Path, kernel: &Path, args: &Args) -> Result<Run> {
+    let mut t0 = 0;
+    let mut vm = spawn_vm(vmm, kernel, args, &mut t0)?;
+    vm.client.shutdown()?;
+    let out = BufReader::new(vm.child.stdout.take().expect("piped"));
     let mut first_stamp = None;
     let mut exit = Value::Null;
     for line in out.lines() {
@@ -100,30 +147,27 @@ fn one_run(vmm: &PathBuf, kernel: &PathBuf, args: &Args) -> Result<Run> {
             _ => {}
         }
     }
-    let status = child.wait()?;
+    let status = vm.child.wait()?;
     let t_exit = monotonic_ns();
     if !status.success() || exit["reason"] != "guest_reset" {
         bail!("vmm run failed: {status}: {exit}");
     }
     let stamp = first_stamp.context("the guest never wrote the boot timer")?;
+    let ms = |t: u64| t.saturating_sub(t0) as f64 / 1e6;
     Ok(Run {
-        to_init_ms: (stamp.saturating_sub(t0)) as f64 / 1e6,
-        cycle_ms: (t_exit - t0) as f64 / 1e6,
+        to_init_ms: ms(stamp),
+        to_ready_ms: ms(vm.t_ready),
+        cycle_ms: ms(t_exit),
     })
 }
 
-/// VmRSS minus the guest memory (shared memfd pages) of a running VMM, KiB.
-fn vmm_overhead_kib(vmm: &PathBuf, kernel: &PathBuf, args: &Args) -> Result<u64> {
-    let mut child = vmm_command(vmm, kernel, args, "probe.mode=halt").spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let first = lines.next().context("vmm printed nothing")??;
-    anyhow::ensure!(
-        first.contains("boot_timer"),
-        "unexpected first line {first}"
-    );
-    // The guest is up and halted; the VMM is in its steady state.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+/// VmRSS minus the guest memory (shared memfd pages) of a running VMM
+/// whose guest is up and connected, KiB.
+fn vmm_overhead_kib(vmm: &Path, kernel: &Path, args: &Args) -> Result<u64> {
+    let mut t0 = 0;
+    let mut vm = spawn_vm(vmm, kernel, args, &mut t0)?;
+    vm.client.ping(0)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id()))?;
     let field = |name: &str| -> u64 {
         status
             .lines()
@@ -133,9 +177,8 @@ fn vmm_overhead_kib(vmm: &PathBuf, kernel: &PathBuf, args: &Args) -> Result<u64>
             .unwrap_or(0)
     };
     let overhead = field("VmRSS:").saturating_sub(field("RssShmem:"));
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait()?;
+    vm.client.shutdown()?;
+    vm.child.wait()?;
     Ok(overhead)
 }
 
@@ -159,7 +202,7 @@ fn main() -> Result<()> {
             );
             std::process::exit(3);
         }
-        bail!("--kernel linux needs the virtio-vsock hello, which the VMM does not have yet");
+        bail!("--kernel linux: booting the project's kernel on this VMM is not wired into the benchmark yet");
     }
     let vmm = env_path("WARREN_VMM")?;
     let kernel = env_path("WARREN_PROBE")?;
@@ -169,6 +212,7 @@ fn main() -> Result<()> {
         .map(|_| one_run(&vmm, &kernel, &args))
         .collect::<Result<Vec<_>>>()?;
     let init = Summary::of(&runs.iter().map(|r| r.to_init_ms).collect::<Vec<_>>());
+    let ready = Summary::of(&runs.iter().map(|r| r.to_ready_ms).collect::<Vec<_>>());
     let cycle = Summary::of(&runs.iter().map(|r| r.cycle_ms).collect::<Vec<_>>());
     let overhead = vmm_overhead_kib(&vmm, &kernel, &args)?;
     if args.json {
@@ -180,9 +224,7 @@ fn main() -> Result<()> {
                 "vcpus": args.vcpus,
                 "mem_mib": args.mem,
                 "spawn_to_init_ms": init.json(),
-                // Ready = the guest's hello over vsock, which needs the
-                // virtio-vsock device; null until the VMM has it.
-                "spawn_to_ready_ms": Value::Null,
+                "spawn_to_ready_ms": ready.json(),
                 "cycle_ms": cycle.json(),
                 "vmm_overhead_kib": overhead,
             })
@@ -200,7 +242,10 @@ fn main() -> Result<()> {
             "  spawn -> process exit (cycle)     p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
             cycle.p50, cycle.p90, cycle.p99, cycle.max
         );
-        println!("  spawn -> ready (vsock hello)      not measured yet (no virtio-vsock)");
+        println!(
+            "  spawn -> ready (hello over vsock) p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
+            ready.p50, ready.p90, ready.p99, ready.max
+        );
         println!(
             "  VMM memory overhead               {overhead} KiB ({:.2} MiB)",
             overhead as f64 / 1024.0

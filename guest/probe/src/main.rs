@@ -1,20 +1,39 @@
 //! The probe guest: the smallest program that boots the way a Linux kernel
 //! does on Warren's VMM — 64-bit entry, paging on, `rsi` pointing at the
-//! zero page — and reports through the devices the VMM offers.
+//! zero page — and speaks the guest protocol over virtio-vsock.
 //!
 //! Every instruction it executes is emulated on hosts whose KVM is PVM, so
-//! it does as little as it can. It stamps the boot timer on entry, then
-//! does what `probe.mode=` on its command line asks:
+//! it does as little as it can. It stamps the boot timer on entry; then:
 //!
-//! - `reset` (default): reset the machine through the i8042, ending the VM;
-//! - `halt`: stop with interrupts off, so only the VMM can end the VM.
+//! - with a virtio-vsock device on its command line, it connects to the
+//!   host (CID 2, port 1024), says hello and serves requests until told to
+//!   shut down, then resets the machine;
+//! - without one, it resets the machine through the i8042 at once;
+//! - `probe.mode=halt` stops with interrupts off instead (only the VMM can
+//!   end the VM); `probe.mode=hostile` first writes garbage to the
+//!   virtio-mmio registers and hands the device a descriptor pointing
+//!   outside guest memory, then carries on as usual.
 #![no_std]
 #![no_main]
 
-mod bootparams;
-mod port;
+extern crate alloc;
 
+mod bootparams;
+mod heap;
+mod mem;
+mod port;
+mod virtio;
+mod vsock;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
 use core::arch::asm;
+
+use warren_protocol::{
+    decode_host_frame, encode_frame, ErrorKind, ErrorReply, FrameDecoder, GuestFrame, Hello,
+    HostFrame, Reply, Request, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
 
 /// The VMM's boot-timer port.
 const BOOT_TIMER_PORT: u16 = 0x440;
@@ -24,6 +43,8 @@ const I8042_RESET: u8 = 0xfe;
 
 /// Boot-timer value written on the first instruction.
 const STAMP_ENTRY: u32 = 1;
+/// Boot-timer value written just before the hello.
+const STAMP_HELLO: u32 = 2;
 
 // The VMM jumps here with rsi = zero page and a stack; keep the zero page
 // pointer for Rust and align the stack as the C ABI expects at a call.
@@ -38,16 +59,99 @@ core::arch::global_asm!(
     "jmp 2b",
 );
 
+fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads the time-stamp counter.
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(lo) | (u64::from(hi) << 32)
+}
+
 /// Rust entry, with the zero page address.
 #[no_mangle]
 extern "C" fn probe_main(zero_page: u64) -> ! {
+    let tsc_entry = rdtsc();
     port::outl(BOOT_TIMER_PORT, STAMP_ENTRY);
     // SAFETY: the VMM passes the address of a valid zero page, identity
     // mapped, which nothing else writes while the probe runs.
     let cmdline = unsafe { bootparams::cmdline(zero_page) };
-    match bootparams::option(cmdline, b"probe.mode=") {
-        Some(b"halt") => halt_forever(),
-        _ => power_off(),
+    let mode = bootparams::option(cmdline, b"probe.mode=");
+    if mode == Some(b"halt") {
+        halt_forever();
+    }
+    let Some(base) = bootparams::virtio_mmio_base(cmdline) else {
+        power_off();
+    };
+    let Some(mut vsock) = vsock::Vsock::init(base, mode == Some(b"hostile")) else {
+        power_off();
+    };
+    if !vsock.connect(AGENT_VSOCK_PORT) {
+        power_off();
+    }
+    port::outl(BOOT_TIMER_PORT, STAMP_HELLO);
+    let hello = GuestFrame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent: String::from(concat!("warren-probe ", env!("CARGO_PKG_VERSION"))),
+        boot_time_ns: 0,
+        kernel_release: String::new(),
+        boot_stamps: vec![tsc_entry, rdtsc()],
+    });
+    send(&mut vsock, &hello);
+    serve(&mut vsock)
+}
+
+fn send(vsock: &mut vsock::Vsock, frame: &GuestFrame) {
+    match encode_frame(frame) {
+        Ok(bytes) => vsock.send_data(&bytes),
+        Err(_) => power_off(),
+    }
+}
+
+fn error(id: Option<u64>, kind: ErrorKind, message: String) -> GuestFrame {
+    GuestFrame::Error {
+        id,
+        error: ErrorReply { kind, message },
+    }
+}
+
+fn serve(vsock: &mut vsock::Vsock) -> ! {
+    let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    loop {
+        match vsock.recv() {
+            vsock::Incoming::Closed => power_off(),
+            vsock::Incoming::Data(bytes) => decoder.push(bytes),
+        }
+        while let Some(frame) = decoder.next_frame() {
+            let answer = match frame {
+                Err(e) => error(None, ErrorKind::FrameTooLarge, format!("{e}")),
+                Ok(payload) => match decode_host_frame(&payload) {
+                    Err(e) => error(e.id, e.kind, e.detail),
+                    Ok(HostFrame { id, request }) => match request {
+                        Request::Ping { nonce } => GuestFrame::Reply {
+                            id,
+                            reply: Reply::Pong { nonce },
+                        },
+                        Request::Shutdown => {
+                            send(
+                                vsock,
+                                &GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::Done,
+                                },
+                            );
+                            power_off();
+                        }
+                        other => error(
+                            Some(id),
+                            ErrorKind::InvalidRequest,
+                            format!("the probe guest does not handle {}", other.name()),
+                        ),
+                    },
+                },
+            };
+            send(vsock, &answer);
+        }
     }
 }
 
@@ -66,5 +170,13 @@ fn halt_forever() -> ! {
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
+    power_off()
+}
+
+/// The precompiled `alloc` library references the unwinder even though
+/// this binary aborts on panic; nothing ever unwinds, so this is never
+/// reached.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
     power_off()
 }

@@ -14,6 +14,8 @@ const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+/// GiB identity-mapped by the boot page tables.
+const BOOT_MAPPED_GIB: u64 = 4;
 
 /// Writing the boot structures failed (guest memory too small).
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +94,20 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), B
     sregs.ss = data;
     sregs.tr = tss;
 
-    // Identity map the first GiB with 2 MiB pages: PML4[0] -> PDPT[0] -> PD.
+    // Identity map the first 4 GiB with 2 MiB pages (PML4[0] -> PDPT[0..4]
+    // -> four PDs), so a guest can reach the MMIO hole before it builds
+    // page tables of its own.
     w("the page tables", PML4_ADDR, PDPT_ADDR | 0x03)?;
-    w("the page tables", PDPT_ADDR, PD_ADDR | 0x03)?;
-    for i in 0..512u64 {
-        w("the page tables", PD_ADDR + i * 8, (i << 21) | 0x83)?;
+    for gib in 0..BOOT_MAPPED_GIB {
+        let pd = PD_ADDR + gib * 0x1000;
+        w("the page tables", PDPT_ADDR + gib * 8, pd | 0x03)?;
+        for i in 0..512u64 {
+            w(
+                "the page tables",
+                pd + i * 8,
+                (gib << 30) | (i << 21) | 0x83,
+            )?;
+        }
     }
     sregs.cr3 = PML4_ADDR;
     sregs.cr4 |= X86_CR4_PAE;

@@ -7,6 +7,7 @@
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

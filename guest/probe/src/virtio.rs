@@ -1,0 +1,237 @@
+//! Just enough of a virtio-mmio driver: negotiate, set up split queues,
+//! post buffers, notice used ones. Polled, no interrupts.
+
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+/// Entries per queue.
+pub const QUEUE_SIZE: u16 = 8;
+
+const REG_MAGIC: usize = 0x000;
+const REG_VERSION: usize = 0x004;
+const REG_DEVICE_ID: usize = 0x008;
+const REG_DEVICE_FEATURES: usize = 0x010;
+const REG_DEVICE_FEATURES_SEL: usize = 0x014;
+const REG_DRIVER_FEATURES: usize = 0x020;
+const REG_DRIVER_FEATURES_SEL: usize = 0x024;
+const REG_QUEUE_SEL: usize = 0x030;
+const REG_QUEUE_NUM_MAX: usize = 0x034;
+const REG_QUEUE_NUM: usize = 0x038;
+const REG_QUEUE_READY: usize = 0x044;
+const REG_QUEUE_NOTIFY: usize = 0x050;
+const REG_STATUS: usize = 0x070;
+const REG_QUEUE_DESC: usize = 0x080;
+const REG_QUEUE_DRIVER: usize = 0x090;
+const REG_QUEUE_DEVICE: usize = 0x0a0;
+
+const STATUS_ACK: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const DESC_F_WRITE: u16 = 2;
+
+/// One split virtqueue's rings, in one page.
+#[repr(C, align(4096))]
+pub struct Rings {
+    desc: [Desc; QUEUE_SIZE as usize],
+    _pad0: [u8; 0x400 - 16 * QUEUE_SIZE as usize],
+    avail_flags: u16,
+    avail_idx: u16,
+    avail_ring: [u16; QUEUE_SIZE as usize],
+    _pad1: [u8; 0x400 - 4 - 2 * QUEUE_SIZE as usize],
+    used_flags: u16,
+    used_idx: u16,
+    used_ring: [UsedElem; QUEUE_SIZE as usize],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UsedElem {
+    id: u32,
+    len: u32,
+}
+
+impl Rings {
+    /// Zeroed rings.
+    pub const fn new() -> Self {
+        Rings {
+            desc: [Desc {
+                addr: 0,
+                len: 0,
+                flags: 0,
+                next: 0,
+            }; QUEUE_SIZE as usize],
+            _pad0: [0; 0x400 - 16 * QUEUE_SIZE as usize],
+            avail_flags: 0,
+            avail_idx: 0,
+            avail_ring: [0; QUEUE_SIZE as usize],
+            _pad1: [0; 0x400 - 4 - 2 * QUEUE_SIZE as usize],
+            used_flags: 0,
+            used_idx: 0,
+            used_ring: [UsedElem { id: 0, len: 0 }; QUEUE_SIZE as usize],
+        }
+    }
+}
+
+/// A queue the driver uses.
+pub struct Queue {
+    rings: *mut Rings,
+    index: u32,
+    last_used: u16,
+}
+
+/// A virtio-mmio device.
+pub struct Device {
+    base: usize,
+}
+
+impl Device {
+    fn read(&self, off: usize) -> u32 {
+        // SAFETY: `base` is the device's MMIO window, identity mapped by
+        // the VMM's boot page tables; register reads have no side effects
+        // on our memory.
+        unsafe { read_volatile((self.base + off) as *const u32) }
+    }
+
+    fn write(&self, off: usize, v: u32) {
+        // SAFETY: as for `read`.
+        unsafe { write_volatile((self.base + off) as *mut u32, v) }
+    }
+
+    /// Probes the device at `base`; `None` unless it is a virtio-mmio v2
+    /// device of type `device_id`.
+    pub fn probe(base: usize, device_id: u32) -> Option<Device> {
+        let d = Device { base };
+        (d.read(REG_MAGIC) == 0x7472_6976
+            && d.read(REG_VERSION) == 2
+            && d.read(REG_DEVICE_ID) == device_id)
+            .then_some(d)
+    }
+
+    /// Resets and negotiates VERSION_1 only.
+    pub fn negotiate(&self) -> bool {
+        self.write(REG_STATUS, 0);
+        self.write(REG_STATUS, STATUS_ACK);
+        self.write(REG_STATUS, STATUS_ACK | STATUS_DRIVER);
+        self.write(REG_DEVICE_FEATURES_SEL, 1);
+        if self.read(REG_DEVICE_FEATURES) & 1 == 0 {
+            return false;
+        }
+        self.write(REG_DRIVER_FEATURES_SEL, 0);
+        self.write(REG_DRIVER_FEATURES, 0);
+        self.write(REG_DRIVER_FEATURES_SEL, 1);
+        self.write(REG_DRIVER_FEATURES, 1);
+        self.write(REG_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
+        self.read(REG_STATUS) & STATUS_FEATURES_OK != 0
+    }
+
+    /// Sets up queue `index` on `rings`.
+    pub fn queue(&self, index: u32, rings: *mut Rings) -> Option<Queue> {
+        self.write(REG_QUEUE_SEL, index);
+        if self.read(REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+            return None;
+        }
+        self.write(REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        let base = rings as u64;
+        for (reg, addr) in [
+            (REG_QUEUE_DESC, base),
+            (REG_QUEUE_DRIVER, base + 0x400),
+            (REG_QUEUE_DEVICE, base + 0x800),
+        ] {
+            self.write(reg, addr as u32);
+            self.write(reg + 4, (addr >> 32) as u32);
+        }
+        self.write(REG_QUEUE_READY, 1);
+        Some(Queue {
+            rings,
+            index,
+            last_used: 0,
+        })
+    }
+
+    /// A 32-bit word of the device's configuration space.
+    pub fn config_u32(&self, offset: usize) -> u32 {
+        self.read(0x100 + offset)
+    }
+
+    /// Tells the device the driver is ready.
+    pub fn driver_ok(&self) {
+        self.write(
+            REG_STATUS,
+            STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+    }
+
+    /// Notifies the device of new buffers on `q`.
+    pub fn notify(&self, q: &Queue) {
+        fence(Ordering::SeqCst);
+        self.write(REG_QUEUE_NOTIFY, q.index);
+    }
+
+    /// Writes raw garbage to the registers (the VMM must shrug it off).
+    pub fn scribble(&self, seed: u32) {
+        let mut x = seed | 1;
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let off = (x as usize % 0x100) & !3;
+            if off != REG_STATUS && off != REG_QUEUE_NOTIFY {
+                self.write(off, x);
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// Makes descriptor `slot` a one-buffer chain and offers it.
+    pub fn offer(&mut self, slot: u16, addr: u64, len: u32, device_writes: bool) {
+        // SAFETY: `rings` points at this queue's static rings, which only
+        // this driver writes (the device writes the used ring only).
+        unsafe {
+            let r = &mut *self.rings;
+            r.desc[slot as usize] = Desc {
+                addr,
+                len,
+                flags: if device_writes { DESC_F_WRITE } else { 0 },
+                next: 0,
+            };
+            let idx = read_volatile(&r.avail_idx);
+            write_volatile(&mut r.avail_ring[(idx % QUEUE_SIZE) as usize], slot);
+            fence(Ordering::SeqCst);
+            write_volatile(&mut r.avail_idx, idx.wrapping_add(1));
+        }
+    }
+
+    /// Offers a chain whose head points past the end of guest memory, as
+    /// a hostile driver would.
+    pub fn offer_bad(&mut self, slot: u16) {
+        self.offer(slot, 0xffff_ffff_0000, 4096, false);
+    }
+
+    /// The next used buffer: (descriptor slot, bytes written).
+    pub fn take_used(&mut self) -> Option<(u16, u32)> {
+        // SAFETY: as for `offer`; the used ring is read volatile because
+        // the device writes it.
+        unsafe {
+            let r = &*self.rings;
+            let idx = read_volatile(&r.used_idx);
+            if idx == self.last_used {
+                return None;
+            }
+            fence(Ordering::SeqCst);
+            let e = read_volatile(&r.used_ring[(self.last_used % QUEUE_SIZE) as usize]);
+            self.last_used = self.last_used.wrapping_add(1);
+            Some((e.id as u16, e.len))
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The probe guest over virtio-vsock on real KVM: hello, pings, hostile
+//! register writes and descriptors, many VMs at once. Needs /dev/kvm.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warren_protocol::client::AgentClient;
+use warren_protocol::{Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+
+fn probe() -> PathBuf {
+    let p = std::env::var_os("WARREN_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
+        });
+    assert!(
+        p.is_file(),
+        "probe guest not built at {}: run `cargo xtask probe`",
+        p.display()
+    );
+    p
+}
+
+struct Vm {
+    child: Child,
+    client: AgentClient<UnixStream, UnixStream>,
+    spawn_to_hello: Duration,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn accept(listener: &UnixListener, child: &mut Child, timeout: Duration) -> UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("accept: {e}"),
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("vmm exited ({st}) before the guest connected: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no guest connection within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn boot(cmdline: &str) -> Vm {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test boots a VM on KVM and /dev/kvm is missing on this host"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("v.sock");
+    let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display())).unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .arg("--kernel")
+        .arg(probe())
+        .arg("--vsock-socket")
+        .arg(&sock)
+        .args(["--cmdline", cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stream = accept(&listener, &mut child, Duration::from_secs(60));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
+    Vm {
+        spawn_to_hello: started.elapsed(),
+        child,
+        client,
+        _dir: dir,
+    }
+}
+
+fn shutdown(mut vm: Vm) {
+    vm.client.shutdown().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = vm.child.try_wait().unwrap() {
+            assert!(st.success(), "vmm exited with {st}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vmm still running after shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn probe_says_hello_over_vsock_and_answers_pings() {
+    let mut vm = boot("");
+    let h = vm.client.hello().clone();
+    assert_eq!(h.protocol_version, PROTOCOL_VERSION);
+    assert!(h.agent.starts_with("warren-probe"), "{}", h.agent);
+    assert_eq!(h.boot_stamps.len(), 2);
+    eprintln!("spawn -> hello over vsock: {:?}", vm.spawn_to_hello);
+    let t = Instant::now();
+    for nonce in 0..50 {
+        vm.client.ping(nonce).unwrap();
+    }
+    eprintln!("50 ping round trips: {:?}", t.elapsed());
+    // A request the probe does not handle gets an error, not silence.
+    let id = vm
+        .client
+        .send(Request::ListDir { path: "/".into() })
+        .unwrap();
+    match vm.client.next_reply(id) {
+        Err(warren_protocol::client::ClientError::Guest(e)) => {
+            assert!(e.message.contains("list_dir"), "{e:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    shutdown(vm);
+}
+
+#[test]
+fn garbage_in_registers_and_bad_descriptors_do_not_kill_the_vmm() {
+    let mut vm = boot("probe.mode=hostile");
+    vm.client.ping(7).unwrap();
+    shutdown(vm);
+}
+
+#[test]
+fn host_initiated_connection_to_an_unbound_guest_port_is_refused() {
+    let vm = boot("");
+    let sock = vm._dir.path().join("v.sock");
+    let mut s = UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut s, b"CONNECT 4242\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    // The probe listens on no port: the guest answers RST, the VMM closes.
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+    assert!(
+        !String::from_utf8_lossy(&buf[..n]).starts_with("OK"),
+        "{:?}",
+        &buf[..n]
+    );
+    let mut s = UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut s, b"HELLO there\n").unwrap();
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("ERROR"),
+        "{:?}",
+        &buf[..n]
+    );
+    shutdown(vm);
+}
+
+#[test]
+fn twenty_vms_at_once_all_say_hello() {
+    let vms: Vec<Vm> = (0..20).map(|_| boot("")).collect();
+    for mut vm in vms {
+        vm.client.ping(1).unwrap();
+        shutdown(vm);
+    }
+}
