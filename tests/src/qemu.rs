@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use warren_protocol::client::{AgentClient, ClientError};
 
+use crate::accept::{accept_while_running, AcceptError};
+
 /// Name of the console port guest-agent looks for.
 pub const AGENT_PORT_NAME: &str = "warren.0";
 
@@ -138,7 +140,6 @@ impl QemuGuest {
         let serial = dir.path().join("serial.log");
         let stderr = dir.path().join("qemu.stderr");
         let listener = UnixListener::bind(&sock)?;
-        listener.set_nonblocking(true)?;
         let cmdline = format!(
             "{BASE_CMDLINE} warren.transport=port:{AGENT_PORT_NAME} {}",
             opts.extra_cmdline
@@ -184,32 +185,27 @@ impl QemuGuest {
             .stderr(fs::File::create(&stderr)?)
             .spawn()
             .map_err(|source| QemuError::Spawn { binary, source })?;
-        let stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-            if let Some(status) = child.try_wait()? {
+        let stream = match accept_while_running(&listener, &mut child, opts.boot_timeout) {
+            Ok(s) => s,
+            Err(AcceptError::Exited(status)) => {
                 return Err(QemuError::Exited {
                     status,
                     stderr: read_lossy(&stderr),
                     serial: read_lossy(&serial),
-                });
+                })
             }
-            if started.elapsed() > opts.boot_timeout {
+            Err(AcceptError::Timeout(timeout)) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(QemuError::Timeout {
-                    timeout: opts.boot_timeout,
+                    timeout,
                     serial: read_lossy(&serial),
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            Err(AcceptError::Io(e)) => return Err(e.into()),
         };
         // QEMU connects to the socket as soon as it starts; the hello comes
         // when the guest is up, so the wait for it is the boot.
-        stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(opts.boot_timeout))?;
         let handshake = stream
             .try_clone()

@@ -150,7 +150,18 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
                 (pio.clone(), mmio.clone(), events.clone(), state.clone());
             std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
-                .spawn(move || v.run(pio, mmio, events, state))
+                .spawn(move || {
+                    // A panic in a vCPU thread must end the VM, not leave
+                    // it waiting for an exit nobody will send.
+                    let exits = events.clone();
+                    let id = v.id;
+                    let run = std::panic::AssertUnwindSafe(move || v.run(pio, mmio, events, state));
+                    if std::panic::catch_unwind(run).is_err() {
+                        let _ = exits.send(VmEvent::Exit(ExitReason::VcpuError(format!(
+                            "vCPU {id} thread panicked"
+                        ))));
+                    }
+                })
                 .map_err(|e| VmmError::Device(format!("cannot start a vCPU thread: {e}")))
         })
         .collect::<Result<_, _>>()?;

@@ -38,31 +38,6 @@ impl Drop for Vm {
     }
 }
 
-fn accept(listener: &UnixListener, child: &mut Child, timeout: Duration) -> UnixStream {
-    listener.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).unwrap();
-                return s;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("accept: {e}"),
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-            panic!("vmm exited ({st}) before the guest connected: {err}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no guest connection within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 fn boot(cmdline: &str) -> Vm {
     assert!(
         Path::new("/dev/kvm").exists(),
@@ -83,7 +58,13 @@ fn boot(cmdline: &str) -> Vm {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stream = accept(&listener, &mut child, Duration::from_secs(60));
+    let stream =
+        warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
+            .unwrap_or_else(|e| {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+                panic!("{e}: {err}")
+            });
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();

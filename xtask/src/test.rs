@@ -27,7 +27,14 @@ fn cargo() -> Command {
 
 /// Runs the whole suite.
 pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
-    eprintln!("xtask: host: {}", vmm::host::HostVirt::detect().describe());
+    let host = vmm::host::HostVirt::detect();
+    eprintln!("xtask: host: {}", host.describe());
+    if !host.runs_linux_natively() {
+        eprintln!(
+            "xtask: note: vmm/tests/linux_boot.rs (Linux on Warren's VMM) needs VMX/SVM and will print DID NOT RUN here; \
+             the kernel and guest-agent are tested under QEMU instead"
+        );
+    }
     packages::ensure(packages::TESTS)?;
     if !args.no_lint {
         eprintln!("xtask: cargo fmt --check");

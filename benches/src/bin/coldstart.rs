@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
 use warren_benches::Summary;
+use warren_e2e::accept::accept_while_running;
 use warren_protocol::client::AgentClient;
 use warren_protocol::AGENT_VSOCK_PORT;
 
@@ -87,7 +88,6 @@ fn spawn_vm(vmm: &Path, kernel: &Path, args: &Args, t0: &mut u64) -> Result<Boot
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("v.sock");
     let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display()))?;
-    listener.set_nonblocking(true)?;
     let mut cmd = Command::new(vmm);
     cmd.arg("--kernel")
         .arg(kernel)
@@ -105,23 +105,7 @@ fn spawn_vm(vmm: &Path, kernel: &Path, args: &Args, t0: &mut u64) -> Result<Boot
         .stderr(Stdio::null());
     *t0 = monotonic_ns();
     let mut child = cmd.spawn()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
-        }
-        if let Some(st) = child.try_wait()? {
-            bail!("vmm exited ({st}) before the guest connected");
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the guest did not connect within 30 s");
-        }
-        std::hint::spin_loop();
-    };
-    stream.set_nonblocking(false)?;
+    let stream = accept_while_running(&listener, &mut child, Duration::from_secs(30))?;
     let client = AgentClient::handshake(stream.try_clone()?, stream).context("guest hello")?;
     let t_ready = monotonic_ns();
     Ok(Booted {
