@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warren_protocol::client::AgentClient;
-use warren_protocol::{Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use warren_protocol::{Reply, Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
 
 fn probe() -> PathBuf {
     let p = std::env::var_os("WARREN_PROBE")
@@ -54,7 +54,7 @@ fn boot(cmdline: &str) -> Vm {
         .arg(&sock)
         .args(["--cmdline", cmdline])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -77,20 +77,107 @@ fn boot(cmdline: &str) -> Vm {
     }
 }
 
-fn shutdown(mut vm: Vm) {
+/// Shuts the guest down; returns the VMM's exit report.
+fn shutdown(mut vm: Vm) -> serde_json::Value {
     vm.client.shutdown().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = vm.child.try_wait().unwrap() {
-            assert!(st.success(), "vmm exited with {st}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "vmm still running after shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(vm.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let st = vm.child.wait().unwrap();
+    assert!(st.success(), "vmm exited with {st}");
+    serde_json::from_str(out.lines().last().expect("an exit report")).unwrap()
+}
+
+/// On-CPU nanoseconds of the VMM's vCPU threads.
+fn vcpu_cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+            if !comm.starts_with("vcpu") {
+                return None;
+            }
+            std::fs::read_to_string(dir.join("schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[test]
+fn probe_burns_cpu_on_request() {
+    let mut vm = boot("");
+    let before = vcpu_cpu_ns(vm.child.id());
+    let t = Instant::now();
+    assert_eq!(
+        vm.client.call(Request::BurnCpu { ms: 300 }).unwrap(),
+        Reply::Done
+    );
+    let (wall, cpu) = (t.elapsed(), vcpu_cpu_ns(vm.child.id()) - before);
+    eprintln!(
+        "burn 300 ms: wall {wall:?}, vCPU on-CPU {} ms",
+        cpu / 1_000_000
+    );
+    assert!(wall >= Duration::from_millis(300), "{wall:?}");
+    assert!(
+        cpu >= 200_000_000,
+        "vCPU threads ran only {cpu} ns while the guest burned 300 ms"
+    );
+    shutdown(vm);
+}
+
+#[test]
+fn touched_memory_reads_back_and_is_scrubbed_at_exit() {
+    let mut vm = boot("");
+    let pattern = 0x5741_5252_454e_0001u64;
+    assert_eq!(
+        vm.client
+            .call(Request::TouchMemory { mib: 8, pattern })
+            .unwrap(),
+        Reply::Done
+    );
+    // 16 pages of the touched range: one pattern word per page.
+    let sum = vm
+        .client
+        .call(Request::ChecksumMemory {
+            offset: 16 << 20,
+            len: 16 * 4096,
+        })
+        .unwrap();
+    assert_eq!(sum, Reply::Checksum(pattern.wrapping_mul(16)));
+    // Out of range: an error, and the guest goes on serving.
+    let id = vm
+        .client
+        .send(Request::ChecksumMemory {
+            offset: 1 << 40,
+            len: 8,
+        })
+        .unwrap();
+    assert!(matches!(
+        vm.client.next_reply(id),
+        Err(warren_protocol::client::ClientError::Guest(_))
+    ));
+    let id = vm
+        .client
+        .send(Request::TouchMemory {
+            mib: 1 << 20,
+            pattern,
+        })
+        .unwrap();
+    assert!(matches!(
+        vm.client.next_reply(id),
+        Err(warren_protocol::client::ClientError::Guest(_))
+    ));
+    let report = shutdown(vm);
+    assert_eq!(report["reason"], "guest_reset");
+    let scrubbed = report["scrub"]["bytes"].as_u64().unwrap();
+    assert!(
+        scrubbed >= 8 << 20,
+        "scrubbed {scrubbed} bytes after the guest touched 8 MiB"
+    );
 }
 
 #[test]

@@ -8,9 +8,13 @@
 //! up measures the VMM's own memory: its resident set minus the guest
 //! memory it maps.
 //!
+//! A second series boots the probe without devices, so it stamps the boot
+//! timer and resets at once — the shape of guest Firecracker's published
+//! figure for this machine is measured on — as `stub_cycle_ms`.
+//!
 //! `--json` prints exactly one line (the harness contract, see README):
 //! `{"runs":N,"kernel":"probe","vcpus":V,"mem_mib":M,"spawn_to_init_ms":{"p50":…,"p90":…,"p99":…,"max":…},
-//!   "spawn_to_ready_ms":null|{…},"cycle_ms":{…},"vmm_overhead_kib":…}`
+//!   "spawn_to_ready_ms":{…},"cycle_ms":{…},"stub_cycle_ms":{…},"vmm_overhead_kib":…}`
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -145,6 +149,29 @@ fn one_run(vmm: &Path, kernel: &Path, args: &Args) -> Result<Run> {
     })
 }
 
+/// The cycle of a stub guest, the shape Firecracker's figure is measured
+/// on: no devices, the guest stamps the boot timer and resets at once.
+fn stub_cycle_ms(vmm: &Path, kernel: &Path, args: &Args) -> Result<f64> {
+    let t0 = monotonic_ns();
+    let out = Command::new(vmm)
+        .arg("--kernel")
+        .arg(kernel)
+        .args([
+            "--vcpus",
+            &args.vcpus.to_string(),
+            "--mem-mib",
+            &args.mem.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()?;
+    let t_exit = monotonic_ns();
+    if !out.status.success() {
+        bail!("stub run failed: {}", out.status);
+    }
+    Ok((t_exit - t0) as f64 / 1e6)
+}
+
 /// VmRSS minus the guest memory (shared memfd pages) of a running VMM
 /// whose guest is up and connected, KiB.
 fn vmm_overhead_kib(vmm: &Path, kernel: &Path, args: &Args) -> Result<u64> {
@@ -198,6 +225,10 @@ fn main() -> Result<()> {
     let init = Summary::of(&runs.iter().map(|r| r.to_init_ms).collect::<Vec<_>>());
     let ready = Summary::of(&runs.iter().map(|r| r.to_ready_ms).collect::<Vec<_>>());
     let cycle = Summary::of(&runs.iter().map(|r| r.cycle_ms).collect::<Vec<_>>());
+    let stub = (0..args.runs)
+        .map(|_| stub_cycle_ms(&vmm, &kernel, &args))
+        .collect::<Result<Vec<_>>>()?;
+    let stub = Summary::of(&stub);
     let overhead = vmm_overhead_kib(&vmm, &kernel, &args)?;
     if args.json {
         println!(
@@ -210,6 +241,7 @@ fn main() -> Result<()> {
                 "spawn_to_init_ms": init.json(),
                 "spawn_to_ready_ms": ready.json(),
                 "cycle_ms": cycle.json(),
+                "stub_cycle_ms": stub.json(),
                 "vmm_overhead_kib": overhead,
             })
         );

@@ -86,6 +86,16 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox) -> bool {
             let (agent, out) = (agent.clone(), out.clone());
             spawn_handler(move || exec::run(&agent.reaper, &agent.running, id, req, &out));
         }
+        Request::BurnCpu { .. } | Request::TouchMemory { .. } | Request::ChecksumMemory { .. } => {
+            out.error(
+                Some(id),
+                ErrorKind::InvalidRequest,
+                format!(
+                    "{} is a probe-guest request; guest-agent does not serve it",
+                    request.name()
+                ),
+            );
+        }
         other => {
             // File requests may block on slow storage: keep the reader free.
             let out = out.clone();

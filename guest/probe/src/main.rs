@@ -19,8 +19,10 @@
 extern crate alloc;
 
 mod bootparams;
+mod clock;
 mod heap;
 mod mem;
+mod memory;
 mod port;
 mod virtio;
 mod vsock;
@@ -59,23 +61,17 @@ core::arch::global_asm!(
     "jmp 2b",
 );
 
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: rdtsc only reads the time-stamp counter.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    u64::from(lo) | (u64::from(hi) << 32)
-}
-
 /// Rust entry, with the zero page address.
 #[no_mangle]
 extern "C" fn probe_main(zero_page: u64) -> ! {
-    let tsc_entry = rdtsc();
+    let tsc_entry = clock::rdtsc();
+    clock::init();
     port::outl(BOOT_TIMER_PORT, STAMP_ENTRY);
     // SAFETY: the VMM passes the address of a valid zero page, identity
     // mapped, which nothing else writes while the probe runs.
     let cmdline = unsafe { bootparams::cmdline(zero_page) };
+    // SAFETY: as above.
+    unsafe { memory::init(zero_page) };
     let mode = bootparams::option(cmdline, b"probe.mode=");
     if mode == Some(b"halt") {
         halt_forever();
@@ -93,9 +89,9 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     let hello = GuestFrame::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent: String::from(concat!("warren-probe ", env!("CARGO_PKG_VERSION"))),
-        boot_time_ns: 0,
+        boot_time_ns: clock::now_ns(),
         kernel_release: String::new(),
-        boot_stamps: vec![tsc_entry, rdtsc()],
+        boot_stamps: vec![tsc_entry, clock::rdtsc()],
     });
     send(&mut vsock, &hello);
     serve(&mut vsock)
@@ -141,6 +137,36 @@ fn serve(vsock: &mut vsock::Vsock) -> ! {
                                 },
                             );
                             power_off();
+                        }
+                        Request::BurnCpu { ms } => {
+                            // Run time, not guest time: a vCPU the host
+                            // preempts must still burn what was asked.
+                            let end = clock::run_ns().saturating_add(u64::from(ms) * 1_000_000);
+                            while clock::run_ns() < end {
+                                core::hint::spin_loop();
+                            }
+                            GuestFrame::Reply {
+                                id,
+                                reply: Reply::Done,
+                            }
+                        }
+                        Request::TouchMemory { mib, pattern } => {
+                            match memory::touch(mib, pattern) {
+                                Ok(()) => GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::Done,
+                                },
+                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                            }
+                        }
+                        Request::ChecksumMemory { offset, len } => {
+                            match memory::checksum(offset, len) {
+                                Ok(sum) => GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::Checksum(sum),
+                                },
+                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                            }
                         }
                         other => error(
                             Some(id),

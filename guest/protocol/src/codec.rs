@@ -174,6 +174,15 @@ mod tests {
                 recursive: false,
             },
             Request::Shutdown,
+            Request::BurnCpu { ms: 250 },
+            Request::TouchMemory {
+                mib: 4,
+                pattern: 0xA5A5,
+            },
+            Request::ChecksumMemory {
+                offset: 0x100000,
+                len: 4096,
+            },
         ]
     }
 
@@ -203,6 +212,7 @@ mod tests {
                 mtime_s: -5,
             }]),
             Reply::Done,
+            Reply::Checksum(u64::MAX),
         ];
         let mut frames: Vec<GuestFrame> = replies
             .into_iter()
@@ -262,7 +272,7 @@ mod tests {
         // check would misclassify frames.
         let last = encode_frame(&HostFrame {
             id: 0,
-            request: Request::Shutdown,
+            request: Request::ChecksumMemory { offset: 0, len: 0 },
         })
         .unwrap();
         // id 0 is one varint byte; the tag follows.

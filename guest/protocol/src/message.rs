@@ -72,12 +72,37 @@ pub enum Request {
     /// Answered with [`Reply::Done`]; then the guest ends its processes,
     /// syncs and resets the machine, which ends the VM.
     Shutdown,
+    /// Probe guest: keep a vCPU busy for `ms` milliseconds of run time
+    /// (guest time minus the steal time KVM reports, so a preempted vCPU
+    /// still burns what was asked), then answer [`Reply::Done`] (for CPU
+    /// metering).
+    BurnCpu {
+        /// Milliseconds to spin.
+        ms: u32,
+    },
+    /// Probe guest: touch `mib` MiB of guest memory above its own image,
+    /// writing `pattern` at the start of every page, then answer
+    /// [`Reply::Done`] (for memory metering and scrub checks).
+    TouchMemory {
+        /// MiB to touch.
+        mib: u32,
+        /// Written to the first 8 bytes of each page.
+        pattern: u64,
+    },
+    /// Probe guest: sum guest physical memory `[offset, offset + len)` as
+    /// 64-bit words; answered with [`Reply::Checksum`].
+    ChecksumMemory {
+        /// Guest physical start (8-byte aligned).
+        offset: u64,
+        /// Bytes (a multiple of 8).
+        len: u64,
+    },
 }
 
 impl Request {
     /// Number of variants this build knows. A frame naming a variant index
     /// at or above it is an unknown request, not a malformed one.
-    pub const VARIANTS: u32 = 8;
+    pub const VARIANTS: u32 = 11;
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
@@ -90,6 +115,9 @@ impl Request {
             Request::ListDir { .. } => "list_dir",
             Request::Remove { .. } => "remove",
             Request::Shutdown => "shutdown",
+            Request::BurnCpu { .. } => "burn_cpu",
+            Request::TouchMemory { .. } => "touch_memory",
+            Request::ChecksumMemory { .. } => "checksum_memory",
         }
     }
 }
@@ -200,6 +228,8 @@ pub enum Reply {
     Entries(Vec<DirEntry>),
     /// The request succeeded with nothing to return (final).
     Done,
+    /// Wrapping sum of the 64-bit words asked for (final).
+    Checksum(u64),
 }
 
 impl Reply {

@@ -46,10 +46,12 @@ fn build_table(cpus: u8) -> Vec<u8> {
     // The IOAPIC.
     entries.extend([2, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend(IO_APIC_DEFAULT_PHYS_BASE.to_le_bytes());
-    // ISA IRQ n -> IOAPIC pin n (pin 0 as ExtINT, like the PIC cascade).
+    // ISA IRQ n -> IOAPIC pin n, all plain interrupts: the PIC's ExtINT
+    // reaches the CPUs through LINT0 below (an ExtINT pin on the IOAPIC
+    // makes Linux warn "ExtINT not setup in hardware but reported by MP
+    // table", seen booting Linux on this VMM).
     for pin in 0..IOAPIC_PINS {
-        let kind = if pin == 0 { MP_IRQ_EXTINT } else { MP_IRQ_INT };
-        entries.extend([3, kind, 0, 0, 0, pin, ioapic_id, pin]);
+        entries.extend([3, MP_IRQ_INT, 0, 0, 0, pin, ioapic_id, pin]);
     }
     // LINT0 = ExtINT, LINT1 = NMI on every local APIC.
     entries.extend([4, MP_IRQ_EXTINT, 0, 0, 0, 0, 0xff, 0]);
