@@ -46,7 +46,7 @@ struct Args {
     /// Control socket path.
     #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// Read-only disk image.
+    /// Read-only disk image (refused: no virtio-blk yet).
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Emulate COM1, output to stderr.
@@ -55,7 +55,7 @@ struct Args {
     /// Print boot-timer stamps on stdout as they arrive.
     #[arg(long)]
     boot_timer: bool,
-    /// Log filter.
+    /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn")]
     log: String,
 }
@@ -71,8 +71,14 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 
 fn real_main() -> libc::c_int {
     let args = Args::parse();
+    // A plain level, not an EnvFilter: the filter's regex engine would
+    // add a few hundred KiB of resident text to every VMM process.
+    let level = args
+        .log
+        .parse::<tracing::Level>()
+        .unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();

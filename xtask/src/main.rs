@@ -85,7 +85,7 @@ fn main() -> Result<()> {
 
 /// Benchmarks live in `benches/` as binaries; build what they boot, then
 /// run the binary in release mode.
-fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
+pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
     let root = sh::workspace_root();
     let cargo = || {
         let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -62,7 +62,16 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
         "warren-protocol",
         "--no-default-features",
     ]))?;
-    run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)
+    run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)?;
+    if args.runner_args.is_empty() {
+        eprintln!("xtask: cold-start benchmark smoke test (3 runs)");
+        crate::bench(
+            cache,
+            "coldstart",
+            &["--runs".into(), "3".into(), "--json".into()],
+        )?;
+    }
+    Ok(())
 }
 
 fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, extra: &[String]) -> Result<()> {

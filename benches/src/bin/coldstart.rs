@@ -263,6 +263,10 @@ fn main() -> Result<()> {
             ready.p50, ready.p90, ready.p99, ready.max
         );
         println!(
+            "  stub guest, spawn -> exit         p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
+            stub.p50, stub.p90, stub.p99, stub.max
+        );
+        println!(
             "  VMM memory overhead               {overhead} KiB ({:.2} MiB)",
             overhead as f64 / 1024.0
         );
