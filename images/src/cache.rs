@@ -145,8 +145,7 @@ impl Entry {
         let mut found = false;
         for line in manifest.lines() {
             let mut parts = line.split("  ");
-            let (Some(sum), Some(size), Some(name)) = (parts.next(), parts.next(), parts.next())
-            else {
+            let (Some(sum), Some(size), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
                 return self.discard("manifest line unreadable");
             };
             let path = self.dir.join(name);
@@ -163,10 +162,7 @@ impl Entry {
     }
 
     fn discard(&self, why: &str) -> Option<PathBuf> {
-        eprintln!(
-            "cache entry {} is damaged ({why}); rebuilding it",
-            self.dir.display()
-        );
+        eprintln!("cache entry {} is damaged ({why}); rebuilding it", self.dir.display());
         let _ = fs::remove_dir_all(&self.dir);
         None
     }
@@ -183,9 +179,7 @@ impl Entry {
             if fs::rename(src, &dst).is_err() {
                 fs::copy(src, &dst).map_err(io_err("cannot copy", src))?;
             }
-            let size = fs::metadata(&dst)
-                .map_err(io_err("cannot stat", &dst))?
-                .len();
+            let size = fs::metadata(&dst).map_err(io_err("cannot stat", &dst))?.len();
             let sum = sha256_file(&dst).map_err(io_err("cannot hash", &dst))?;
             manifest.push_str(&format!("{sum}  {size}  {name}\n"));
         }
@@ -249,10 +243,7 @@ mod tests {
         e.store(&[("vmlinux", &src)]).unwrap();
         let hit = e.lookup("vmlinux").unwrap();
         assert_eq!(fs::read(hit).unwrap(), b"kernel bytes");
-        assert!(
-            e.lookup("other").is_none(),
-            "a file not in the manifest is no hit"
-        );
+        assert!(e.lookup("other").is_none(), "a file not in the manifest is no hit");
     }
 
     #[test]
@@ -260,13 +251,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::new(d.path().join("cache"));
         for damage in [
-            |p: &Path| fs::write(p, b"kernel byte").unwrap(), // truncated
+            |p: &Path| fs::write(p, b"kernel byte").unwrap(),  // truncated
             |p: &Path| fs::write(p, b"kernel bytez").unwrap(), // same size, corrupted
             |p: &Path| fs::remove_file(p).unwrap(),
         ] {
             let e = cache.entry("kernel", "k");
-            e.store(&[("vmlinux", &built(d.path(), "v", b"kernel bytes"))])
-                .unwrap();
+            e.store(&[("vmlinux", &built(d.path(), "v", b"kernel bytes"))]).unwrap();
             damage(&e.dir().join("vmlinux"));
             assert!(e.lookup("vmlinux").is_none());
             assert!(!e.dir().exists(), "damaged entry left behind");
@@ -287,17 +277,11 @@ mod tests {
     fn current_links_follow_the_newest_store() {
         let d = tempfile::tempdir().unwrap();
         let cache = Cache::new(d.path());
-        assert!(matches!(
-            cache.current("vmlinux"),
-            Err(CacheError::Missing { .. })
-        ));
+        assert!(matches!(cache.current("vmlinux"), Err(CacheError::Missing { .. })));
         for key in ["one", "two"] {
             let e = cache.entry("kernel", key);
-            e.store(&[("vmlinux", &built(d.path(), "v", key.as_bytes()))])
-                .unwrap();
-            cache
-                .set_current("vmlinux", &e.dir().join("vmlinux"))
-                .unwrap();
+            e.store(&[("vmlinux", &built(d.path(), "v", key.as_bytes()))]).unwrap();
+            cache.set_current("vmlinux", &e.dir().join("vmlinux")).unwrap();
         }
         assert_eq!(fs::read(cache.current("vmlinux").unwrap()).unwrap(), b"two");
     }

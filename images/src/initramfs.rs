@@ -82,9 +82,7 @@ impl Initramfs {
                 parent.push('/');
             }
             parent.push_str(comp);
-            self.nodes
-                .entry(parent.clone())
-                .or_insert(Node::Dir { mode: 0o755 });
+            self.nodes.entry(parent.clone()).or_insert(Node::Dir { mode: 0o755 });
         }
         self.nodes.insert(p, node);
         Ok(self)
@@ -96,12 +94,7 @@ impl Initramfs {
     }
 
     /// Adds a file with the given contents.
-    pub fn file(
-        &mut self,
-        path: &str,
-        data: Vec<u8>,
-        mode: u32,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn file(&mut self, path: &str, data: Vec<u8>, mode: u32) -> Result<&mut Self, InitramfsError> {
         if data.len() > u32::MAX as usize {
             return Err(InitramfsError::TooLarge(path.into()));
         }
@@ -109,12 +102,7 @@ impl Initramfs {
     }
 
     /// Adds a copy of the host file `src`.
-    pub fn file_from(
-        &mut self,
-        path: &str,
-        src: &Path,
-        mode: u32,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn file_from(&mut self, path: &str, src: &Path, mode: u32) -> Result<&mut Self, InitramfsError> {
         let data = std::fs::read(src).map_err(|source| InitramfsError::Read {
             path: src.to_path_buf(),
             source,
@@ -124,23 +112,12 @@ impl Initramfs {
 
     /// Adds a symbolic link.
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<&mut Self, InitramfsError> {
-        self.insert(
-            path,
-            Node::Symlink {
-                target: target.into(),
-            },
-        )
+        self.insert(path, Node::Symlink { target: target.into() })
     }
 
     /// Adds a character device node (e.g. `dev/console`, 5:1), which the
     /// kernel needs before devtmpfs is mounted to give init a console.
-    pub fn char_dev(
-        &mut self,
-        path: &str,
-        major: u32,
-        minor: u32,
-        mode: u32,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn char_dev(&mut self, path: &str, major: u32, minor: u32, mode: u32) -> Result<&mut Self, InitramfsError> {
         self.insert(path, Node::CharDev { major, minor, mode })
     }
 
@@ -191,10 +168,7 @@ impl Initramfs {
                 Node::File { data, mode } => (b.mode(S_IFREG | mode).nlink(1), data),
                 Node::Symlink { target } => (b.mode(S_IFLNK | 0o777).nlink(1), target.as_bytes()),
                 Node::CharDev { major, minor, mode } => (
-                    b.mode(S_IFCHR | mode)
-                        .nlink(1)
-                        .rdev_major(*major)
-                        .rdev_minor(*minor),
+                    b.mode(S_IFCHR | mode).nlink(1).rdev_major(*major).rdev_minor(*minor),
                     &[],
                 ),
             };
@@ -230,11 +204,7 @@ mod tests {
             if e.entry().is_trailer() {
                 break;
             }
-            let (name, mode, size) = (
-                e.entry().name().to_string(),
-                e.entry().mode(),
-                e.entry().file_size(),
-            );
+            let (name, mode, size) = (e.entry().name().to_string(), e.entry().mode(), e.entry().file_size());
             let (maj, min) = (e.entry().rdev_major(), e.entry().rdev_minor());
             let mut body = Vec::new();
             r = e.to_writer(&mut body).unwrap();
@@ -244,15 +214,7 @@ mod tests {
         let names: Vec<_> = seen.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(
             names,
-            [
-                "bin",
-                "bin/busybox",
-                "bin/sh",
-                "dev",
-                "dev/console",
-                "init",
-                "tmp"
-            ]
+            ["bin", "bin/busybox", "bin/sh", "dev", "dev/console", "init", "tmp"]
         );
         assert_eq!(seen[0].1, S_IFDIR | 0o755);
         assert_eq!(seen[1].4, vec![7; 1000]);
@@ -268,10 +230,7 @@ mod tests {
     #[test]
     fn output_and_key_are_deterministic_and_content_sensitive() {
         let (a, b) = (sample(), sample());
-        assert_eq!(
-            a.write_to(Vec::new()).unwrap(),
-            b.write_to(Vec::new()).unwrap()
-        );
+        assert_eq!(a.write_to(Vec::new()).unwrap(), b.write_to(Vec::new()).unwrap());
         assert_eq!(a.content_key(), b.content_key());
         let mut c = sample();
         c.file("init", b"#!/bin/sh \n".to_vec(), 0o755).unwrap();
@@ -285,10 +244,7 @@ mod tests {
     fn bad_paths_are_refused() {
         let mut i = Initramfs::new();
         for bad in ["", "/", "a/../b", "a//b", "./x"] {
-            assert!(
-                matches!(i.dir(bad, 0o755), Err(InitramfsError::BadPath(_))),
-                "{bad}"
-            );
+            assert!(matches!(i.dir(bad, 0o755), Err(InitramfsError::BadPath(_))), "{bad}");
         }
         assert!(matches!(
             i.file_from("x", Path::new("/no/such/file"), 0o644),

@@ -14,12 +14,7 @@ pub struct MissingArtifact {
     looked: PathBuf,
 }
 
-fn find(
-    what: &'static str,
-    var: &'static str,
-    task: &'static str,
-    name: &str,
-) -> Result<PathBuf, MissingArtifact> {
+fn find(what: &'static str, var: &'static str, task: &'static str, name: &str) -> Result<PathBuf, MissingArtifact> {
     let looked = match std::env::var_os(var) {
         Some(p) => PathBuf::from(p),
         None => Cache::open_default().root().join("current").join(name),

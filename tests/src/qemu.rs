@@ -26,8 +26,7 @@ pub const AGENT_PORT_NAME: &str = "warren.0";
 /// 0xf) CPU would get per secondary CPU; `panic=-1` turns a panic into a
 /// reset, and `reboot=t` makes resets a triple fault (QEMU's microvm has
 /// no i8042), both of which `-no-reboot` turns into QEMU exiting at once.
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 tsc=reliable lpj=5000000 cpu_init_udelay=0 panic=-1 reboot=t";
+pub const BASE_CMDLINE: &str = "console=ttyS0 tsc=reliable lpj=5000000 cpu_init_udelay=0 panic=-1 reboot=t";
 
 /// How QEMU paces the guest clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,59 +131,110 @@ pub fn qemu_binary() -> String {
     std::env::var("WARREN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
 }
 
+/// A QEMU process just started, before anything was heard from the guest.
+struct Spawned {
+    child: Child,
+    listener: UnixListener,
+    started: Instant,
+    serial: PathBuf,
+    stderr: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn spawn(opts: &QemuOptions) -> Result<Spawned, QemuError> {
+    let dir = tempfile::Builder::new().prefix("warren-qemu-").tempdir()?;
+    let sock = dir.path().join("agent.sock");
+    let serial = dir.path().join("serial.log");
+    let stderr = dir.path().join("qemu.stderr");
+    let listener = UnixListener::bind(&sock)?;
+    let cmdline = format!(
+        "{BASE_CMDLINE} warren.transport=port:{AGENT_PORT_NAME} {}",
+        opts.extra_cmdline
+    );
+    let icount = match opts.icount {
+        Icount::Auto => "shift=auto",
+        Icount::Exact => "shift=0",
+    };
+    let binary = qemu_binary();
+    let started = Instant::now();
+    let child = Command::new(&binary)
+        .args(["-M", "microvm,rtc=on,pit=on,pic=on,isa-serial=on,acpi=off"])
+        .args(["-accel", "tcg", "-cpu", "max", "-icount", icount])
+        .args(["-m", &opts.mem_mib.to_string(), "-smp", &opts.vcpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&opts.kernel)
+        .arg("-initrd")
+        .arg(&opts.initramfs)
+        .args(["-append", &cmdline])
+        .args(["-device", "virtio-serial-device"])
+        .arg("-chardev")
+        .arg(format!("socket,id=agent,path={}", sock.display()))
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr)?)
+        .spawn()
+        .map_err(|source| QemuError::Spawn { binary, source })?;
+    Ok(Spawned {
+        child,
+        listener,
+        started,
+        serial,
+        stderr,
+        dir,
+    })
+}
+
+/// The console line the kernel prints when it starts the initramfs' init.
+pub const INIT_LINE: &str = "Run /init as init process";
+
+/// Boots `opts` until the kernel announces `/init` on the console, then
+/// stops QEMU; returns the console log. For kernels whose virtio drivers
+/// are modules (distribution kernels), where guest-agent cannot connect.
+pub fn boot_to_init(opts: &QemuOptions) -> Result<String, QemuError> {
+    let mut s = spawn(opts)?;
+    let result = loop {
+        let log = read_lossy(&s.serial);
+        if log.contains(INIT_LINE) {
+            break Ok(log);
+        }
+        if let Some(status) = s.child.try_wait()? {
+            break Err(QemuError::Exited {
+                status,
+                stderr: read_lossy(&s.stderr),
+                serial: log,
+            });
+        }
+        if s.started.elapsed() > opts.boot_timeout {
+            break Err(QemuError::Timeout {
+                timeout: opts.boot_timeout,
+                serial: log,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    result
+}
+
 impl QemuGuest {
     /// Boots and waits for guest-agent's hello.
     pub fn boot(opts: &QemuOptions) -> Result<QemuGuest, QemuError> {
-        let dir = tempfile::Builder::new().prefix("warren-qemu-").tempdir()?;
-        let sock = dir.path().join("agent.sock");
-        let serial = dir.path().join("serial.log");
-        let stderr = dir.path().join("qemu.stderr");
-        let listener = UnixListener::bind(&sock)?;
-        let cmdline = format!(
-            "{BASE_CMDLINE} warren.transport=port:{AGENT_PORT_NAME} {}",
-            opts.extra_cmdline
-        );
-        let icount = match opts.icount {
-            Icount::Auto => "shift=auto",
-            Icount::Exact => "shift=0",
-        };
-        let binary = qemu_binary();
-        let started = Instant::now();
-        let mut child = Command::new(&binary)
-            .args(["-M", "microvm,rtc=on,pit=on,pic=on,isa-serial=on,acpi=off"])
-            .args(["-accel", "tcg", "-cpu", "max", "-icount", icount])
-            .args([
-                "-m",
-                &opts.mem_mib.to_string(),
-                "-smp",
-                &opts.vcpus.to_string(),
-            ])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-kernel")
-            .arg(&opts.kernel)
-            .arg("-initrd")
-            .arg(&opts.initramfs)
-            .args(["-append", &cmdline])
-            .args(["-device", "virtio-serial-device"])
-            .arg("-chardev")
-            .arg(format!("socket,id=agent,path={}", sock.display()))
-            .args([
-                "-device",
-                &format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr)?)
-            .spawn()
-            .map_err(|source| QemuError::Spawn { binary, source })?;
+        let Spawned {
+            mut child,
+            listener,
+            started,
+            serial,
+            stderr,
+            dir,
+        } = spawn(opts)?;
         let stream = match accept_while_running(&listener, &mut child, opts.boot_timeout) {
             Ok(s) => s,
             Err(AcceptError::Exited(status)) => {
@@ -223,9 +273,7 @@ impl QemuGuest {
             }
         };
         let spawn_to_hello = started.elapsed();
-        client
-            .reader()
-            .set_read_timeout(Some(Duration::from_secs(60)))?;
+        client.reader().set_read_timeout(Some(Duration::from_secs(60)))?;
         Ok(QemuGuest {
             child,
             client,

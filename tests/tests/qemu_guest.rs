@@ -86,9 +86,7 @@ fn guest_agent_serves_the_real_kernel_under_qemu() {
 
     // A file written through the protocol reads back, and the guest sees it.
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-    g.client
-        .write_file("/tmp/probe/data.bin", &data, None)
-        .unwrap();
+    g.client.write_file("/tmp/probe/data.bin", &data, None).unwrap();
     assert_eq!(g.client.read_file("/tmp/probe/data.bin").unwrap(), data);
     assert_eq!(
         run(&mut g, &["wc", "-c", "/tmp/probe/data.bin"])

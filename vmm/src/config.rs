@@ -173,9 +173,7 @@ impl VmConfig {
                 path: initrd.clone(),
                 reason,
             };
-            let len = std::fs::metadata(initrd)
-                .map_err(|e| err(e.to_string()))?
-                .len();
+            let len = std::fs::metadata(initrd).map_err(|e| err(e.to_string()))?.len();
             // It must fit below the MMIO hole with room for the kernel.
             let low = self.mem_bytes().min(crate::layout::MMIO_START);
             if len >= low / 2 {
@@ -194,8 +192,7 @@ impl VmConfig {
             // must not boot without one.
             return Err(ConfigError::Disk {
                 path: disk.clone(),
-                reason: "this VMM has no virtio-blk device yet (it comes with the disk-image work)"
-                    .into(),
+                reason: "this VMM has no virtio-blk device yet (it comes with the disk-image work)".into(),
             });
         }
         if self.cmdline.len() + 1 > CMDLINE_MAX / 2 {
@@ -206,9 +203,7 @@ impl VmConfig {
             )));
         }
         if !self.cmdline.is_ascii() || self.cmdline.contains('\0') {
-            return Err(ConfigError::Cmdline(
-                "must be ASCII without NUL bytes".into(),
-            ));
+            return Err(ConfigError::Cmdline("must be ASCII without NUL bytes".into()));
         }
         for (which, path) in [
             ("vsock_socket", &self.vsock_socket),
@@ -267,9 +262,7 @@ fn check_socket_path(which: &'static str, path: &Path) -> Result<(), ConfigError
         return Err(err("already exists; remove it first".into()));
     }
     if path.as_os_str().len() >= 108 {
-        return Err(err(
-            "longer than a Unix socket path may be (107 bytes)".into()
-        ));
+        return Err(err("longer than a Unix socket path may be (107 bytes)".into()));
     }
     Ok(())
 }
@@ -303,10 +296,7 @@ mod tests {
         c.vcpus = 0;
         assert!(c.validate(8).unwrap_err().to_string().contains("vcpus"));
         c.vcpus = 9;
-        assert!(matches!(
-            c.validate(8),
-            Err(ConfigError::Vcpus { got: 9, max: 8 })
-        ));
+        assert!(matches!(c.validate(8), Err(ConfigError::Vcpus { got: 9, max: 8 })));
         let mut c = VmConfig::new(&k);
         c.mem_mib = 4;
         assert!(matches!(c.validate(8), Err(ConfigError::MemoryTooSmall(4))));
@@ -329,10 +319,7 @@ mod tests {
         let mut c = VmConfig::new(elf_stub(d.path()));
         c.mem_mib = 16;
         let big = d.path().join("initrd");
-        std::fs::File::create(&big)
-            .unwrap()
-            .set_len(9 << 20)
-            .unwrap();
+        std::fs::File::create(&big).unwrap().set_len(9 << 20).unwrap();
         c.initramfs = Some(big);
         let e = c.validate(8).unwrap_err().to_string();
         assert!(e.contains("does not fit"), "{e}");
@@ -343,20 +330,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = VmConfig::new(elf_stub(d.path()));
         c.vsock_socket = Some(d.path().join("no/such/dir/v.sock"));
-        assert!(c
-            .validate(8)
-            .unwrap_err()
-            .to_string()
-            .contains("does not exist"));
+        assert!(c.validate(8).unwrap_err().to_string().contains("does not exist"));
         let existing = d.path().join("ctl.sock");
         std::fs::write(&existing, "").unwrap();
         c.vsock_socket = None;
         c.control_socket = Some(existing);
-        assert!(c
-            .validate(8)
-            .unwrap_err()
-            .to_string()
-            .contains("already exists"));
+        assert!(c.validate(8).unwrap_err().to_string().contains("already exists"));
     }
 
     #[test]
@@ -365,14 +344,8 @@ mod tests {
         let p = d.path().join("c.json");
         std::fs::write(&p, r#"{"kernel": "/k", "vcpus": 2, "mem_mib": 256}"#).unwrap();
         let c = VmConfig::from_json_file(&p).unwrap();
-        assert_eq!(
-            (c.vcpus, c.mem_mib, c.cmdline.as_str()),
-            (2, 256, DEFAULT_CMDLINE)
-        );
+        assert_eq!((c.vcpus, c.mem_mib, c.cmdline.as_str()), (2, 256, DEFAULT_CMDLINE));
         std::fs::write(&p, r#"{"kernel": "/k", "vcpu": 2}"#).unwrap();
-        assert!(VmConfig::from_json_file(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("vcpu"));
+        assert!(VmConfig::from_json_file(&p).unwrap_err().to_string().contains("vcpu"));
     }
 }

@@ -88,20 +88,18 @@ pub struct Control {
 
 /// Serves `listener` on a thread of its own until the process exits.
 pub fn spawn(listener: UnixListener, ctl: Control) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if let Err(e) = serve(c, &ctl) {
-                            tracing::debug!(error = %e, "control connection ended");
-                        }
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    if let Err(e) = serve(c, &ctl) {
+                        tracing::debug!(error = %e, "control connection ended");
                     }
-                    Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
                 }
+                Err(e) => tracing::warn!(error = %e, "control socket accept failed"),
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -111,8 +109,7 @@ fn serve(conn: UnixStream, ctl: &Control) -> std::io::Result<()> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n =
-            std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        let n = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
@@ -238,10 +235,7 @@ mod tests {
     fn stats_count_threads_and_touched_memory() {
         let (c, _rx) = ctl();
         use vm_memory::{Bytes, GuestAddress};
-        c.ram
-            .mem
-            .write_slice(&[1; 8192], GuestAddress(0x10000))
-            .unwrap();
+        c.ram.mem.write_slice(&[1; 8192], GuestAddress(0x10000)).unwrap();
         let v = handle(r#"{"op":"stats"}"#, &c);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["stats"]["guest_touched_bytes"], 8192);
@@ -252,10 +246,7 @@ mod tests {
     #[test]
     fn shutdown_ends_the_vm_after_its_grace_period() {
         let (c, rx) = ctl();
-        assert_eq!(
-            handle(r#"{"op":"shutdown","timeout_ms":10}"#, &c)["ok"],
-            true
-        );
+        assert_eq!(handle(r#"{"op":"shutdown","timeout_ms":10}"#, &c)["ok"], true);
         assert!(matches!(
             rx.recv_timeout(Duration::from_secs(5)),
             Ok(VmEvent::Exit(ExitReason::ControlShutdown))

@@ -51,8 +51,7 @@ impl HostVirt {
                  instruction emulation (~1-2 us per instruction), not at native speed"
                 .into(),
             (Ok(()), false, false) => {
-                "KVM without VMX/SVM in the CPU flags: a stock Linux guest may not run at native speed"
-                    .into()
+                "KVM without VMX/SVM in the CPU flags: a stock Linux guest may not run at native speed".into()
             }
         }
     }
@@ -72,9 +71,7 @@ mod tests {
 
     #[test]
     fn finds_vmx_or_svm_only_as_whole_flags() {
-        assert!(cpu_has_hardware_virt(
-            "processor : 0\nflags\t\t: fpu vme vmx sse\n"
-        ));
+        assert!(cpu_has_hardware_virt("processor : 0\nflags\t\t: fpu vme vmx sse\n"));
         assert!(cpu_has_hardware_virt("flags : fpu svm\n"));
         assert!(!cpu_has_hardware_virt("flags : fpu hypervisor vmxnope\n"));
         assert!(!cpu_has_hardware_virt("model name : vmx svm\n"));

@@ -73,10 +73,7 @@ fn real_main() -> libc::c_int {
     let args = Args::parse();
     // A plain level, not an EnvFilter: the filter's regex engine would
     // add a few hundred KiB of resident text to every VMM process.
-    let level = args
-        .log
-        .parse::<tracing::Level>()
-        .unwrap_or(tracing::Level::WARN);
+    let level = args.log.parse::<tracing::Level>().unwrap_or(tracing::Level::WARN);
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)

@@ -41,32 +41,19 @@ impl GuestRam {
     /// Creates `size` bytes of zeroed guest memory.
     pub fn new(size: u64) -> Result<GuestRam, MemoryError> {
         let mib = size >> 20;
-        let fd = nix::sys::memfd::memfd_create(
-            c"warren-guest-ram",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .map_err(|e| MemoryError::Create {
-            mib,
-            source: e.into(),
-        })?;
+        let fd = nix::sys::memfd::memfd_create(c"warren-guest-ram", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| MemoryError::Create { mib, source: e.into() })?;
         let file = File::from(fd);
         file.set_len(size)
             .map_err(|source| MemoryError::Create { mib, source })?;
         let mut offset = 0u64;
         let mut ranges = Vec::new();
         for (start, len) in ram_ranges(size) {
-            let f = file
-                .try_clone()
-                .map_err(|source| MemoryError::Create { mib, source })?;
-            ranges.push((
-                GuestAddress(start),
-                len as usize,
-                Some(FileOffset::new(f, offset)),
-            ));
+            let f = file.try_clone().map_err(|source| MemoryError::Create { mib, source })?;
+            ranges.push((GuestAddress(start), len as usize, Some(FileOffset::new(f, offset))));
             offset += len;
         }
-        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)
-            .map_err(|e| MemoryError::Map(format!("{e:?}")))?;
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| MemoryError::Map(format!("{e:?}")))?;
         Ok(GuestRam { mem, file, size })
     }
 }

@@ -92,12 +92,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         let pit = s.spawn(|| crate::vstate::vm::create_pit(&vm));
         let (entry, kernel_end) = loader::load_kernel(&ram.mem, &cfg.kernel)?;
         let initrd = match &cfg.initramfs {
-            Some(p) => Some(loader::load_initrd(
-                &ram.mem,
-                cfg.mem_bytes(),
-                kernel_end,
-                p,
-            )?),
+            Some(p) => Some(loader::load_initrd(&ram.mem, cfg.mem_bytes(), kernel_end, p)?),
             None => None,
         };
         let cmdline = format!("{}{}", cfg.cmdline, mmio_cmdline(cfg));
@@ -146,8 +141,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
     let threads: Vec<JoinHandle<()>> = vcpus
         .into_iter()
         .map(|v| {
-            let (pio, mmio, events, state) =
-                (pio.clone(), mmio.clone(), events.clone(), state.clone());
+            let (pio, mmio, events, state) = (pio.clone(), mmio.clone(), events.clone(), state.clone());
             std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))
                 .spawn(move || {
@@ -174,9 +168,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
                 stamps.push(s);
             }
             Ok(VmEvent::Exit(r)) => break r,
-            Err(_) => {
-                break ExitReason::VcpuError("every vCPU thread ended without a reason".into())
-            }
+            Err(_) => break ExitReason::VcpuError("every vCPU thread ended without a reason".into()),
         }
     };
     tracing::info!(reason = reason.name(), "stopping the VM");
@@ -197,10 +189,7 @@ const VSOCK_SLOT: u64 = 0;
 
 /// Base address and IRQ of virtio-mmio slot `n`.
 fn mmio_slot(n: u64) -> (u64, u32) {
-    (
-        MMIO_START + n * VIRTIO_MMIO_SIZE,
-        VIRTIO_IRQ_BASE + n as u32,
-    )
+    (MMIO_START + n * VIRTIO_MMIO_SIZE, VIRTIO_IRQ_BASE + n as u32)
 }
 
 /// `virtio_mmio.device=` entries announcing the devices to the guest.
@@ -219,46 +208,31 @@ fn mmio_cmdline(cfg: &VmConfig) -> String {
 fn mmio_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<Bus, VmmError> {
     let mut bus = Bus::new();
     if let Some(path) = &cfg.vsock_socket {
-        let dev =
-            |what: &str, e: &dyn std::fmt::Display| VmmError::Device(format!("vsock {what}: {e}"));
+        let dev = |what: &str, e: &dyn std::fmt::Display| VmmError::Device(format!("vsock {what}: {e}"));
         let (base, irq) = mmio_slot(VSOCK_SLOT);
-        let vsock =
-            Vsock::new(path.clone()).map_err(|e| dev(&format!("socket {}", path.display()), &e))?;
+        let vsock = Vsock::new(path.clone()).map_err(|e| dev(&format!("socket {}", path.display()), &e))?;
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
-        vm.register_irqfd(&irqfd, irq)
-            .map_err(|e| dev("irqfd", &e))?;
+        vm.register_irqfd(&irqfd, irq).map_err(|e| dev("irqfd", &e))?;
         let mut events = Vec::new();
         for q in 0..vsock.queue_max_sizes().len() {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
-            vm.register_ioevent(
-                &evt,
-                &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
-                q as u32,
-            )
-            .map_err(|e| dev("ioeventfd", &e))?;
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+                .map_err(|e| dev("ioeventfd", &e))?;
             events.push(evt);
         }
-        let transport = MmioTransport::new(Box::new(vsock), ram.mem.clone(), events, irqfd)
-            .map_err(|e| dev("transport", &e))?;
+        let transport =
+            MmioTransport::new(Box::new(vsock), ram.mem.clone(), events, irqfd).map_err(|e| dev("transport", &e))?;
         bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))
             .map_err(|e| dev("bus", &e))?;
     }
     Ok(bus)
 }
 
-fn port_bus(
-    cfg: &VmConfig,
-    vm: &kvm_ioctls::VmFd,
-    events: &Sender<VmEvent>,
-) -> Result<Bus, VmmError> {
+fn port_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, events: &Sender<VmEvent>) -> Result<Bus, VmmError> {
     let dev = |e: crate::devices::Overlap| VmmError::Device(e.to_string());
     let mut pio = Bus::new();
-    pio.insert(
-        I8042_PORT,
-        I8042_LEN,
-        Arc::new(Mutex::new(I8042::new(events.clone()))),
-    )
-    .map_err(dev)?;
+    pio.insert(I8042_PORT, I8042_LEN, Arc::new(Mutex::new(I8042::new(events.clone()))))
+        .map_err(dev)?;
     pio.insert(
         BOOT_TIMER_PORT,
         BOOT_TIMER_LEN,
@@ -266,17 +240,12 @@ fn port_bus(
     )
     .map_err(dev)?;
     if cfg.serial {
-        let irq = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Device(format!("eventfd: {e}")))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Device(format!("eventfd: {e}")))?;
         vm.register_irqfd(&irq, COM1_IRQ)
             .map_err(|e| VmmError::Device(format!("irqfd for COM1: {e}")))?;
         let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
-        pio.insert(
-            COM1_PORT,
-            COM1_LEN,
-            Arc::new(Mutex::new(SerialConsole::new(irq, out))),
-        )
-        .map_err(dev)?;
+        pio.insert(COM1_PORT, COM1_LEN, Arc::new(Mutex::new(SerialConsole::new(irq, out))))
+            .map_err(dev)?;
     }
     Ok(pio)
 }
@@ -291,17 +260,15 @@ pub fn block_exit_signals() {
 }
 
 fn spawn_signal_waiter(events: Sender<VmEvent>) {
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut set = SigSet::empty();
-            set.add(Signal::SIGTERM);
-            set.add(Signal::SIGINT);
-            if let Ok(sig) = set.wait() {
-                tracing::info!(signal = %sig, "stopping on signal");
-                let _ = events.send(VmEvent::Exit(ExitReason::Signal(sig as i32)));
-            }
-        });
+    let _ = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        if let Ok(sig) = set.wait() {
+            tracing::info!(signal = %sig, "stopping on signal");
+            let _ = events.send(VmEvent::Exit(ExitReason::Signal(sig as i32)));
+        }
+    });
 }
 
 /// Removes a socket file when the VM ends.

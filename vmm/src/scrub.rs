@@ -73,15 +73,12 @@ fn walk_touched(ram: &GuestRam, mut f: impl FnMut(*mut u8, usize)) -> Result<u64
             if data >= file_end {
                 break;
             }
-            let hole = lseek(fd, data as i64, Whence::SeekHole)
-                .map_err(|e| ScrubError(format!("SEEK_HOLE: {e}")))? as u64;
+            let hole =
+                lseek(fd, data as i64, Whence::SeekHole).map_err(|e| ScrubError(format!("SEEK_HOLE: {e}")))? as u64;
             let hole = hole.min(file_end);
             // [data, hole) lies inside this region's part of the file, so
             // the offset lies inside the region's mapping of `len` bytes.
-            f(
-                host.wrapping_add((data - file_start) as usize),
-                (hole - data) as usize,
-            );
+            f(host.wrapping_add((data - file_start) as usize), (hole - data) as usize);
             bytes += hole - data;
             pos = hole;
         }
@@ -102,9 +99,7 @@ mod tests {
         let keep = ram.file.try_clone().unwrap();
         // Touch 3 pages scattered over the guest, with a pattern.
         for addr in [0x1000u64, 0x20_0000, 0x3ff_f000] {
-            ram.mem
-                .write_slice(&[0xA5; 4096], GuestAddress(addr))
-                .unwrap();
+            ram.mem.write_slice(&[0xA5; 4096], GuestAddress(addr)).unwrap();
         }
         let report = scrub(&ram).unwrap();
         assert_eq!(report.bytes, 3 * 4096, "{report:?}");
@@ -113,10 +108,7 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         for addr in [0x1000u64, 0x20_0000, 0x3ff_f000] {
             keep.read_exact_at(&mut buf, addr).unwrap();
-            assert!(
-                buf.iter().all(|&b| b == 0),
-                "page at {addr:#x} not scrubbed"
-            );
+            assert!(buf.iter().all(|&b| b == 0), "page at {addr:#x} not scrubbed");
         }
     }
 

@@ -47,17 +47,11 @@ fn project_kernel_boots_to_guest_agent_hello_on_this_vmm() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let stream =
-        warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let stream = warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
-    eprintln!(
-        "linux on vmm: spawn -> guest-agent hello in {:?}",
-        started.elapsed()
-    );
+    eprintln!("linux on vmm: spawn -> guest-agent hello in {:?}", started.elapsed());
     let release = client.hello().kernel_release.clone();
     assert!(release.starts_with("6.1"), "{release}");
     let out = client
@@ -71,10 +65,7 @@ fn project_kernel_boots_to_guest_agent_hello_on_this_vmm() {
     client.shutdown().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "vmm still running after shutdown"
-        );
+        assert!(Instant::now() < deadline, "vmm still running after shutdown");
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -16,12 +16,10 @@ fn require_kvm() {
 }
 
 fn probe() -> PathBuf {
-    let p = std::env::var_os("WARREN_PROBE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
-        });
+    let p = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
+    });
     assert!(
         p.is_file(),
         "probe guest not built at {}: run `cargo xtask probe` (cargo xtask test does)",
@@ -47,22 +45,15 @@ fn events(out: &Output) -> Vec<Value> {
 
 fn exit_event(out: &Output) -> Value {
     let ev = events(out);
-    let last = ev.last().cloned().unwrap_or_else(|| {
-        panic!(
-            "no output; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let last = ev
+        .last()
+        .cloned()
+        .unwrap_or_else(|| panic!("no output; stderr: {}", String::from_utf8_lossy(&out.stderr)));
     last
 }
 
 fn boot(args: &[&str]) -> Output {
-    vmm()
-        .arg("--kernel")
-        .arg(probe())
-        .args(args)
-        .output()
-        .unwrap()
+    vmm().arg("--kernel").arg(probe()).args(args).output().unwrap()
 }
 
 #[test]
@@ -92,11 +83,7 @@ fn bare_kernel_flag_is_enough() {
 #[test]
 fn two_gib_guest_boots_and_scrubs_only_what_was_touched() {
     let out = boot(&["--mem-mib", "2048"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let scrubbed = exit_event(&out)["scrub"]["bytes"].as_u64().unwrap();
     assert!(
         scrubbed > 0 && scrubbed < 4 << 20,
@@ -107,11 +94,7 @@ fn two_gib_guest_boots_and_scrubs_only_what_was_touched() {
 #[test]
 fn two_vcpus_are_created_and_the_guest_boots() {
     let out = boot(&["--vcpus", "2", "--boot-timer"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(exit_event(&out)["reason"], "guest_reset");
 }
 
@@ -125,11 +108,7 @@ fn json_config_file_boots_the_same() {
     )
     .unwrap();
     let out = vmm().arg("--config").arg(&cfg).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -158,10 +137,7 @@ fn sigterm_stops_a_running_guest_cleanly_with_a_scrub_report() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "vmm still running 10 s after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "vmm still running 10 s after SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?}");
@@ -186,11 +162,7 @@ fn twenty_vms_at_once_all_boot() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let ev = events(&out);
         assert_eq!(ev[0]["event"], "boot_timer");
         assert_eq!(ev.last().unwrap()["reason"], "guest_reset");
@@ -203,10 +175,7 @@ fn refused(args: &[&str], needle: &str) {
     let out = vmm().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in: {stderr}"
-    );
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in: {stderr}");
     assert_eq!(exit_event(&out)["event"], "error");
 }
 
@@ -223,22 +192,10 @@ fn bad_inputs_are_refused_with_a_clear_error() {
         .unwrap()
         .set_len(200 << 20)
         .unwrap();
-    refused(
-        &["--kernel", probe, "--initramfs", &d("big.cpio")],
-        "does not fit",
-    );
-    refused(
-        &["--kernel", probe, "--vcpus", "0"],
-        "vcpus must be between 1 and",
-    );
-    refused(
-        &["--kernel", probe, "--vcpus", "255"],
-        "vcpus must be between 1 and",
-    );
-    refused(
-        &["--kernel", probe, "--mem-mib", "8"],
-        "mem_mib must be at least",
-    );
+    refused(&["--kernel", probe, "--initramfs", &d("big.cpio")], "does not fit");
+    refused(&["--kernel", probe, "--vcpus", "0"], "vcpus must be between 1 and");
+    refused(&["--kernel", probe, "--vcpus", "255"], "vcpus must be between 1 and");
+    refused(&["--kernel", probe, "--mem-mib", "8"], "mem_mib must be at least");
     refused(
         &["--kernel", probe, "--vsock-socket", &d("no/dir/v.sock")],
         "does not exist",
@@ -249,10 +206,7 @@ fn bad_inputs_are_refused_with_a_clear_error() {
         "already exists",
     );
     std::fs::write(d("disk.img"), [0u8; 512]).unwrap();
-    refused(
-        &["--kernel", probe, "--disk", &d("disk.img")],
-        "no virtio-blk",
-    );
+    refused(&["--kernel", probe, "--disk", &d("disk.img")], "no virtio-blk");
     std::fs::write(d("bad.json"), "{\"kernel\": 5}").unwrap();
     refused(&["--config", &d("bad.json")], "bad.json");
 }
@@ -274,13 +228,7 @@ fn control_socket_pauses_resumes_reports_and_shuts_down() {
     let mut child = vmm()
         .arg("--kernel")
         .arg(probe())
-        .args([
-            "--cmdline",
-            "probe.mode=halt",
-            "--boot-timer",
-            "--vcpus",
-            "2",
-        ])
+        .args(["--cmdline", "probe.mode=halt", "--boot-timer", "--vcpus", "2"])
         .arg("--control-socket")
         .arg(&sock)
         .stdout(Stdio::piped())
@@ -295,31 +243,19 @@ fn control_socket_pauses_resumes_reports_and_shuts_down() {
     assert_eq!(st["ok"], true, "{st}");
     assert_eq!(st["stats"]["paused"], true);
     let threads = st["stats"]["threads"].as_array().unwrap();
-    let names: Vec<_> = threads
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
-    assert!(
-        names.contains(&"vcpu0") && names.contains(&"vcpu1"),
-        "{names:?}"
-    );
+    let names: Vec<_> = threads.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"vcpu0") && names.contains(&"vcpu1"), "{names:?}");
     assert!(st["stats"]["guest_touched_bytes"].as_u64().unwrap() > 0);
     assert!(st["stats"]["rss_kib"].as_u64().unwrap() > 0);
     assert_eq!(control(&sock, r#"{"op":"resume"}"#)["ok"], true);
-    assert_eq!(
-        control(&sock, r#"{"op":"stats"}"#)["stats"]["paused"],
-        false
-    );
+    assert_eq!(control(&sock, r#"{"op":"stats"}"#)["stats"]["paused"], false);
 
     // Garbage gets an error, not a dead VMM.
     let bad = control(&sock, "{\"op\": 7}");
     assert_eq!(bad["ok"], false);
     assert!(child.try_wait().unwrap().is_none());
 
-    assert_eq!(
-        control(&sock, r#"{"op":"shutdown","timeout_ms":0}"#)["ok"],
-        true
-    );
+    assert_eq!(control(&sock, r#"{"op":"shutdown","timeout_ms":0}"#)["ok"], true);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let exit: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();

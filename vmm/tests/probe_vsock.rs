@@ -10,12 +10,10 @@ use warren_protocol::client::AgentClient;
 use warren_protocol::{Reply, Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
 
 fn probe() -> PathBuf {
-    let p = std::env::var_os("WARREN_PROBE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
-        });
+    let p = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
+    });
     assert!(
         p.is_file(),
         "probe guest not built at {}: run `cargo xtask probe`",
@@ -58,16 +56,13 @@ fn boot(cmdline: &str) -> Vm {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stream =
-        warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
-            .unwrap_or_else(|e| {
-                let mut err = String::new();
-                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
-                panic!("{e}: {err}")
-            });
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
+    let stream = warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
+        .unwrap_or_else(|e| {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            panic!("{e}: {err}")
+        });
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
     Vm {
         spawn_to_hello: started.elapsed(),
@@ -112,15 +107,9 @@ fn probe_burns_cpu_on_request() {
     let mut vm = boot("");
     let before = vcpu_cpu_ns(vm.child.id());
     let t = Instant::now();
-    assert_eq!(
-        vm.client.call(Request::BurnCpu { ms: 300 }).unwrap(),
-        Reply::Done
-    );
+    assert_eq!(vm.client.call(Request::BurnCpu { ms: 300 }).unwrap(), Reply::Done);
     let (wall, cpu) = (t.elapsed(), vcpu_cpu_ns(vm.child.id()) - before);
-    eprintln!(
-        "burn 300 ms: wall {wall:?}, vCPU on-CPU {} ms",
-        cpu / 1_000_000
-    );
+    eprintln!("burn 300 ms: wall {wall:?}, vCPU on-CPU {} ms", cpu / 1_000_000);
     assert!(wall >= Duration::from_millis(300), "{wall:?}");
     assert!(
         cpu >= 200_000_000,
@@ -134,9 +123,7 @@ fn touched_memory_reads_back_and_is_scrubbed_at_exit() {
     let mut vm = boot("");
     let pattern = 0x5741_5252_454e_0001u64;
     assert_eq!(
-        vm.client
-            .call(Request::TouchMemory { mib: 8, pattern })
-            .unwrap(),
+        vm.client.call(Request::TouchMemory { mib: 8, pattern }).unwrap(),
         Reply::Done
     );
     // 16 pages of the touched range: one pattern word per page.
@@ -160,13 +147,7 @@ fn touched_memory_reads_back_and_is_scrubbed_at_exit() {
         vm.client.next_reply(id),
         Err(warren_protocol::client::ClientError::Guest(_))
     ));
-    let id = vm
-        .client
-        .send(Request::TouchMemory {
-            mib: 1 << 20,
-            pattern,
-        })
-        .unwrap();
+    let id = vm.client.send(Request::TouchMemory { mib: 1 << 20, pattern }).unwrap();
     assert!(matches!(
         vm.client.next_reply(id),
         Err(warren_protocol::client::ClientError::Guest(_))
@@ -194,10 +175,7 @@ fn probe_says_hello_over_vsock_and_answers_pings() {
     }
     eprintln!("50 ping round trips: {:?}", t.elapsed());
     // A request the probe does not handle gets an error, not silence.
-    let id = vm
-        .client
-        .send(Request::ListDir { path: "/".into() })
-        .unwrap();
+    let id = vm.client.send(Request::ListDir { path: "/".into() }).unwrap();
     match vm.client.next_reply(id) {
         Err(warren_protocol::client::ClientError::Guest(e)) => {
             assert!(e.message.contains("list_dir"), "{e:?}")
@@ -224,11 +202,7 @@ fn host_initiated_connection_to_an_unbound_guest_port_is_refused() {
     let mut buf = [0u8; 64];
     // The probe listens on no port: the guest answers RST, the VMM closes.
     let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
-    assert!(
-        !String::from_utf8_lossy(&buf[..n]).starts_with("OK"),
-        "{:?}",
-        &buf[..n]
-    );
+    assert!(!String::from_utf8_lossy(&buf[..n]).starts_with("OK"), "{:?}", &buf[..n]);
     let mut s = UnixStream::connect(&sock).unwrap();
     std::io::Write::write_all(&mut s, b"HELLO there\n").unwrap();
     let n = std::io::Read::read(&mut s, &mut buf).unwrap();

@@ -21,25 +21,14 @@ pub fn build_guest_agent() -> Result<PathBuf> {
         Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(&root)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "-p",
-                "guest-agent",
-                "--target",
-                TARGET,
-            ]),
+            .args(["build", "--release", "--quiet", "-p", "guest-agent", "--target", TARGET]),
     )?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let bin = target_dir.join(TARGET).join("release/guest-agent");
     if !sh::is_static_elf(&bin)? {
-        bail!(
-            "{} is dynamically linked; the initramfs has no loader",
-            bin.display()
-        );
+        bail!("{} is dynamically linked; the initramfs has no loader", bin.display());
     }
     Ok(bin)
 }
@@ -58,8 +47,7 @@ pub fn build_initramfs(cache: &Cache) -> Result<PathBuf> {
         }
         None => {
             let tmp = cache.scratch("initramfs")?.join(format!("{key}.cpio"));
-            let f = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
             let mut w = std::io::BufWriter::new(f);
             image.write_to(&mut w)?;
             std::io::Write::flush(&mut w)?;
@@ -82,10 +70,7 @@ pub fn build_initramfs(cache: &Cache) -> Result<PathBuf> {
 /// links for a debug shell, the mount points and a console node.
 fn assemble(agent: &Path, busybox: &Path) -> Result<Initramfs> {
     if !sh::is_static_elf(busybox)? {
-        bail!(
-            "{} is not static; install busybox-static",
-            busybox.display()
-        );
+        bail!("{} is not static; install busybox-static", busybox.display());
     }
     let mut i = Initramfs::new();
     i.file_from("init", agent, 0o755)?;
@@ -105,11 +90,7 @@ fn assemble(agent: &Path, busybox: &Path) -> Result<Initramfs> {
     i.dir("tmp", 0o1777)?;
     i.dir("root", 0o700)?;
     i.char_dev("dev/console", 5, 1, 0o600)?;
-    i.file(
-        "etc/passwd",
-        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
-        0o644,
-    )?;
+    i.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), 0o644)?;
     i.file("etc/group", b"root:x:0:\n".to_vec(), 0o644)?;
     Ok(i)
 }

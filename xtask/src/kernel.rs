@@ -27,18 +27,11 @@ const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 pub fn build(cache: &Cache) -> Result<PathBuf> {
     packages::ensure(packages::KERNEL)?;
     let fragment_path = sh::workspace_root().join("kernel-config/warren.config");
-    let fragment = std::fs::read(&fragment_path)
-        .with_context(|| format!("cannot read {}", fragment_path.display()))?;
-    let version =
-        sh::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
+    let fragment = std::fs::read(&fragment_path).with_context(|| format!("cannot read {}", fragment_path.display()))?;
+    let version = sh::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))?;
     let gcc = sh::output(Command::new("gcc").arg("--version"))?;
     let gcc = gcc.lines().next().unwrap_or_default().to_string();
-    let key = key_of([
-        RECIPE.as_bytes(),
-        &fragment,
-        version.as_bytes(),
-        gcc.as_bytes(),
-    ]);
+    let key = key_of([RECIPE.as_bytes(), &fragment, version.as_bytes(), gcc.as_bytes()]);
     let entry = cache.entry("kernel", &key);
     if let Some(vmlinux) = entry.lookup("vmlinux") {
         eprintln!("xtask: kernel {} (cached)", vmlinux.display());
@@ -63,9 +56,7 @@ pub fn build(cache: &Cache) -> Result<PathBuf> {
             .stdout(Stdio::null()),
     )?;
     check_config(&String::from_utf8_lossy(&fragment), &out.join(".config"))?;
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     eprintln!("xtask: building vmlinux with {jobs} jobs (a few minutes on 2 cores)");
     make_with_progress(
         Command::new("make")
@@ -93,10 +84,7 @@ pub fn build(cache: &Cache) -> Result<PathBuf> {
 
 /// Unpacks the Debian source tarball once per package version.
 fn extract_source(cache: &Cache, version: &str) -> Result<PathBuf> {
-    let dir = cache
-        .root()
-        .join("src")
-        .join(format!("{SOURCE_PACKAGE}_{version}"));
+    let dir = cache.root().join("src").join(format!("{SOURCE_PACKAGE}_{version}"));
     let tree = dir.join(SOURCE_PACKAGE);
     let done = dir.join(".complete");
     if done.exists() && tree.join("Makefile").exists() {
@@ -108,13 +96,7 @@ fn extract_source(cache: &Cache, version: &str) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     eprintln!("xtask: unpacking {SOURCE_TARBALL}");
-    sh::run(
-        Command::new("tar")
-            .arg("-xf")
-            .arg(SOURCE_TARBALL)
-            .arg("-C")
-            .arg(&dir),
-    )?;
+    sh::run(Command::new("tar").arg("-xf").arg(SOURCE_TARBALL).arg("-C").arg(&dir))?;
     std::fs::write(&done, version)?;
     Ok(tree)
 }
@@ -145,12 +127,7 @@ fn check_config(fragment: &str, dot_config: &Path) -> Result<()> {
     let wrong: Vec<String> = want
         .iter()
         .filter(|(k, v)| have.get(*k).map(String::as_str).unwrap_or("n") != v.as_str())
-        .map(|(k, v)| {
-            format!(
-                "{k}={v} (got {})",
-                have.get(k).map(String::as_str).unwrap_or("n")
-            )
-        })
+        .map(|(k, v)| format!("{k}={v} (got {})", have.get(k).map(String::as_str).unwrap_or("n")))
         .collect();
     if !wrong.is_empty() {
         bail!(
@@ -197,9 +174,7 @@ mod tests {
 
     #[test]
     fn parses_set_unset_and_valued_symbols() {
-        let m = parse_config(
-            "# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_NR_CPUS=64\nCONFIG_S=\"x\"\n",
-        );
+        let m = parse_config("# comment\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_NR_CPUS=64\nCONFIG_S=\"x\"\n");
         assert_eq!(m["CONFIG_A"], "y");
         assert_eq!(m["CONFIG_B"], "n");
         assert_eq!(m["CONFIG_NR_CPUS"], "64");
@@ -213,14 +188,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let dot = dir.join(".config");
         std::fs::write(&dot, "CONFIG_A=y\n# CONFIG_C is not set\n").unwrap();
-        assert!(check_config(
-            "CONFIG_A=y\n# CONFIG_C is not set\n# CONFIG_D is not set\n",
-            &dot
-        )
-        .is_ok());
-        let err = check_config("CONFIG_A=y\nCONFIG_B=y\n", &dot)
-            .unwrap_err()
-            .to_string();
+        assert!(check_config("CONFIG_A=y\n# CONFIG_C is not set\n# CONFIG_D is not set\n", &dot).is_ok());
+        let err = check_config("CONFIG_A=y\nCONFIG_B=y\n", &dot).unwrap_err().to_string();
         assert!(err.contains("CONFIG_B=y (got n)"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -42,10 +42,7 @@ pub fn ensure(pkgs: &[&str]) -> Result<()> {
             missing.join(" ")
         );
     }
-    eprintln!(
-        "xtask: installing missing Debian packages: {}",
-        missing.join(" ")
-    );
+    eprintln!("xtask: installing missing Debian packages: {}", missing.join(" "));
     sh::run(Command::new("apt-get").args(["update", "-q"]))?;
     sh::run(
         Command::new("apt-get")

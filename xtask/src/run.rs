@@ -30,8 +30,7 @@ pub fn run(cache: &Cache) -> Result<()> {
     println!("kernel:    {}", vmlinux.display());
     println!("initramfs: {}", initramfs.display());
     println!("\nbooting the guest under QEMU TCG (software CPU emulation; a few seconds)...");
-    let mut g =
-        QemuGuest::boot(&QemuOptions::new(vmlinux, initramfs)).context("booting the guest")?;
+    let mut g = QemuGuest::boot(&QemuOptions::new(vmlinux, initramfs)).context("booting the guest")?;
     let hello = g.client.hello().clone();
     println!(
         "guest-agent says hello: {} speaking protocol v{}, kernel {}, ready {} ms after guest boot, {:.1} s after spawning QEMU",
@@ -58,16 +57,10 @@ pub fn run(cache: &Cache) -> Result<()> {
         },
     )?;
     println!("(exit {:?})", status.code);
-    g.client.write_file(
-        "/tmp/note.txt",
-        b"written by the host over the guest protocol\n",
-        None,
-    )?;
+    g.client
+        .write_file("/tmp/note.txt", b"written by the host over the guest protocol\n", None)?;
     let back = g.client.read_file("/tmp/note.txt")?;
-    print!(
-        "\n/tmp/note.txt read back: {}",
-        String::from_utf8_lossy(&back)
-    );
+    print!("\n/tmp/note.txt read back: {}", String::from_utf8_lossy(&back));
     g.client.shutdown()?;
     let exit = g.wait_exit(Duration::from_secs(60))?;
     println!(
@@ -84,9 +77,7 @@ pub fn run(cache: &Cache) -> Result<()> {
 /// virtio-vsock.
 fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
     if let Err(e) = &host.kvm {
-        println!(
-            "\nWarren's VMM needs KVM and this host has none usable ({e}); skipping its demo."
-        );
+        println!("\nWarren's VMM needs KVM and this host has none usable ({e}); skipping its demo.");
         return Ok(());
     }
     let root = sh::workspace_root();
@@ -102,11 +93,7 @@ fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("warren-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("v.sock");
-    let listener = UnixListener::bind(format!(
-        "{}_{}",
-        sock.display(),
-        warren_protocol::AGENT_VSOCK_PORT
-    ))?;
+    let listener = UnixListener::bind(format!("{}_{}", sock.display(), warren_protocol::AGENT_VSOCK_PORT))?;
     println!("\nbooting the probe guest on Warren's VMM (KVM, 1 vCPU, 128 MiB)...");
     let started = Instant::now();
     let mut child = Command::new(target.join("release/vmm"))
@@ -119,8 +106,7 @@ fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting vmm")?;
-    let stream =
-        warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(30))?;
+    let stream = warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(30))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut client = AgentClient::handshake(stream.try_clone()?, stream)?;
     let ready = started.elapsed();

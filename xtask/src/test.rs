@@ -55,21 +55,11 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
     eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
-    sh::run(cargo().args([
-        "build",
-        "--quiet",
-        "-p",
-        "warren-protocol",
-        "--no-default-features",
-    ]))?;
+    sh::run(cargo().args(["build", "--quiet", "-p", "warren-protocol", "--no-default-features"]))?;
     run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)?;
     if args.runner_args.is_empty() {
         eprintln!("xtask: cold-start benchmark smoke test (3 runs)");
-        crate::bench(
-            cache,
-            "coldstart",
-            &["--runs".into(), "3".into(), "--json".into()],
-        )?;
+        crate::bench(cache, "coldstart", &["--runs".into(), "3".into(), "--json".into()])?;
     }
     Ok(())
 }

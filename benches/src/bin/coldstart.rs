@@ -59,16 +59,13 @@ struct Args {
 }
 
 fn env_path(var: &str) -> Result<PathBuf> {
-    std::env::var_os(var).map(PathBuf::from).with_context(|| {
-        format!("{var} is not set; run this through `cargo xtask bench coldstart`")
-    })
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .with_context(|| format!("{var} is not set; run this through `cargo xtask bench coldstart`"))
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -156,12 +153,7 @@ fn stub_cycle_ms(vmm: &Path, kernel: &Path, args: &Args) -> Result<f64> {
     let out = Command::new(vmm)
         .arg("--kernel")
         .arg(kernel)
-        .args([
-            "--vcpus",
-            &args.vcpus.to_string(),
-            "--mem-mib",
-            &args.mem.to_string(),
-        ])
+        .args(["--vcpus", &args.vcpus.to_string(), "--mem-mib", &args.mem.to_string()])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()?;

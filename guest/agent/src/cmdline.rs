@@ -40,18 +40,13 @@ mod tests {
 
     #[test]
     fn picks_warren_options_among_others() {
-        let o = KernelOptions::parse(
-            "console=ttyS0 warren.transport=port:warren.0 quiet warren.hostname=box-1\n",
-        );
+        let o = KernelOptions::parse("console=ttyS0 warren.transport=port:warren.0 quiet warren.hostname=box-1\n");
         assert_eq!(o.transport.as_deref(), Some("port:warren.0"));
         assert_eq!(o.hostname.as_deref(), Some("box-1"));
     }
 
     #[test]
     fn absent_options_are_none() {
-        assert_eq!(
-            KernelOptions::parse("console=ttyS0"),
-            KernelOptions::default()
-        );
+        assert_eq!(KernelOptions::parse("console=ttyS0"), KernelOptions::default());
     }
 }

@@ -32,12 +32,8 @@ pub struct Running(Mutex<HashMap<RequestId, i32>>);
 impl Running {
     /// Signals the process group of exec `id`.
     pub fn signal(&self, id: RequestId, signal: i32) -> Result<(), (ErrorKind, String)> {
-        let sig = Signal::try_from(signal).map_err(|_| {
-            (
-                ErrorKind::InvalidRequest,
-                format!("{signal} is not a signal number"),
-            )
-        })?;
+        let sig = Signal::try_from(signal)
+            .map_err(|_| (ErrorKind::InvalidRequest, format!("{signal} is not a signal number")))?;
         let pgid = self
             .0
             .lock()
@@ -45,15 +41,11 @@ impl Running {
             .get(&id)
             .copied()
             .ok_or_else(|| (ErrorKind::NotFound, format!("no running exec with id {id}")))?;
-        killpg(Pid::from_raw(pgid), sig)
-            .map_err(|e| (ErrorKind::Io, format!("signalling exec {id}: {e}")))
+        killpg(Pid::from_raw(pgid), sig).map_err(|e| (ErrorKind::Io, format!("signalling exec {id}: {e}")))
     }
 
     fn insert(&self, id: RequestId, pgid: i32) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, pgid);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id, pgid);
     }
 
     fn remove(&self, id: RequestId) {
@@ -80,10 +72,7 @@ fn run_inner(
     };
     if let Some(cwd) = &req.cwd {
         if !Path::new(cwd).is_dir() {
-            return Err((
-                ErrorKind::NotFound,
-                format!("working directory {cwd} does not exist"),
-            ));
+            return Err((ErrorKind::NotFound, format!("working directory {cwd} does not exist")));
         }
     }
     let path_var = req
@@ -111,12 +100,9 @@ fn run_inner(
         cmd.current_dir(cwd);
     }
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| {
-        (
-            io_kind(&e),
-            format!("cannot run {}: {e}", program.display()),
-        )
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| (io_kind(&e), format!("cannot run {}: {e}", program.display())))?;
     let pid = child.id() as i32;
     let exited = reaper.watch(pid);
     running.insert(id, pid);
@@ -132,14 +118,8 @@ fn run_inner(
     let closed = Arc::new(AtomicBool::new(false));
     let (pipes_done, pipes_rx) = channel();
     let pipes: [(Option<Box<dyn Read + Send>>, Stream); 2] = [
-        (
-            child.stdout.take().map(|p| Box::new(p) as _),
-            Stream::Stdout,
-        ),
-        (
-            child.stderr.take().map(|p| Box::new(p) as _),
-            Stream::Stderr,
-        ),
+        (child.stdout.take().map(|p| Box::new(p) as _), Stream::Stdout),
+        (child.stderr.take().map(|p| Box::new(p) as _), Stream::Stderr),
     ];
     let mut open_pipes = 0;
     for (pipe, stream) in pipes {
@@ -193,13 +173,7 @@ fn run_inner(
     Ok(())
 }
 
-fn pump(
-    mut pipe: Box<dyn Read + Send>,
-    stream: Stream,
-    id: RequestId,
-    out: &Outbox,
-    closed: &AtomicBool,
-) {
+fn pump(mut pipe: Box<dyn Read + Send>, stream: Stream, id: RequestId, out: &Outbox, closed: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match pipe.read(&mut buf) {
@@ -220,11 +194,7 @@ fn pump(
 }
 
 /// Finds the file to execute for `argv0`, as a shell would.
-fn resolve_program(
-    argv0: &str,
-    path_var: &str,
-    cwd: Option<&str>,
-) -> Result<PathBuf, (ErrorKind, String)> {
+fn resolve_program(argv0: &str, path_var: &str, cwd: Option<&str>) -> Result<PathBuf, (ErrorKind, String)> {
     if argv0.is_empty() {
         return Err((ErrorKind::InvalidRequest, "argv[0] is empty".into()));
     }

@@ -14,10 +14,7 @@ pub type FileError = (ErrorKind, String);
 
 fn absolute(path: &str) -> Result<&Path, FileError> {
     if !path.starts_with('/') {
-        return Err((
-            ErrorKind::InvalidRequest,
-            format!("path {path:?} is not absolute"),
-        ));
+        return Err((ErrorKind::InvalidRequest, format!("path {path:?} is not absolute")));
     }
     Ok(Path::new(path))
 }
@@ -49,10 +46,7 @@ pub fn read(path: &str, offset: u64, max_len: u32) -> Result<Reply, FileError> {
         }
     }
     data.truncate(got);
-    Ok(Reply::FileData {
-        data,
-        eof: got < want,
-    })
+    Ok(Reply::FileData { data, eof: got < want })
 }
 
 /// Writes (or appends) a chunk.
@@ -61,22 +55,18 @@ pub fn write(req: &WriteFileRequest) -> Result<Reply, FileError> {
     let p = absolute(path)?;
     if req.create_parents {
         if let Some(parent) = p.parent() {
-            fs::create_dir_all(parent)
-                .map_err(|e| failed("cannot create the parent directories of", path, e))?;
+            fs::create_dir_all(parent).map_err(|e| failed("cannot create the parent directories of", path, e))?;
         }
     }
     let mut opts = OpenOptions::new();
-    opts.write(true)
-        .create(true)
-        .mode(req.mode.unwrap_or(0o644));
+    opts.write(true).create(true).mode(req.mode.unwrap_or(0o644));
     if req.append {
         opts.append(true);
     } else {
         opts.truncate(true);
     }
     let mut f = opts.open(p).map_err(|e| failed("cannot open", path, e))?;
-    f.write_all(&req.data)
-        .map_err(|e| failed("cannot write", path, e))?;
+    f.write_all(&req.data).map_err(|e| failed("cannot write", path, e))?;
     if let Some(mode) = req.mode {
         // `mode` on open only applies to new files (and the umask cuts it).
         f.set_permissions(fs::Permissions::from_mode(mode))
@@ -121,9 +111,7 @@ pub fn remove(path: &str, recursive: bool) -> Result<Reply, FileError> {
     if p == Path::new("/") {
         return Err((ErrorKind::InvalidRequest, "refusing to remove /".into()));
     }
-    let meta = p
-        .symlink_metadata()
-        .map_err(|e| failed("cannot remove", path, e))?;
+    let meta = p.symlink_metadata().map_err(|e| failed("cannot remove", path, e))?;
     let r = if meta.is_dir() {
         if recursive {
             fs::remove_dir_all(p)
@@ -194,10 +182,7 @@ mod tests {
 
     #[test]
     fn relative_paths_and_root_are_refused() {
-        assert_eq!(
-            read("etc/passwd", 0, 1).unwrap_err().0,
-            ErrorKind::InvalidRequest
-        );
+        assert_eq!(read("etc/passwd", 0, 1).unwrap_err().0, ErrorKind::InvalidRequest);
         assert_eq!(remove("/", true).unwrap_err().0, ErrorKind::InvalidRequest);
     }
 

@@ -19,13 +19,7 @@ pub fn mount_basics() {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nodev, None);
     mount_fs("sysfs", "/sys", "sysfs", nodev, None);
-    mount_fs(
-        "devtmpfs",
-        "/dev",
-        "devtmpfs",
-        MsFlags::MS_NOSUID,
-        Some("mode=0755"),
-    );
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
     mount_fs(
         "tmpfs",
         "/dev/shm",
@@ -48,10 +42,7 @@ pub fn mount_basics() {
         Some("mode=0755"),
     );
     if std::env::var_os("PATH").is_none() {
-        std::env::set_var(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        );
+        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     }
 }
 

@@ -80,9 +80,7 @@ impl Reaper {
             let seen = *m.lock().unwrap_or_else(|e| e.into_inner());
             match waitpid(None::<Pid>, None) {
                 Ok(WaitStatus::Exited(pid, code)) => self.deliver(pid.as_raw(), Exit::Code(code)),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    self.deliver(pid.as_raw(), Exit::Signal(sig as i32))
-                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => self.deliver(pid.as_raw(), Exit::Signal(sig as i32)),
                 Ok(_) => {}
                 Err(Errno::EINTR) => {}
                 Err(Errno::ECHILD) => {

@@ -101,18 +101,11 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox) -> bool {
             let out = out.clone();
             spawn_handler(move || {
                 let result = match &other {
-                    Request::ReadFile {
-                        path,
-                        offset,
-                        max_len,
-                    } => files::read(path, *offset, *max_len),
+                    Request::ReadFile { path, offset, max_len } => files::read(path, *offset, *max_len),
                     Request::WriteFile(req) => files::write(req),
                     Request::ListDir { path } => files::list(path),
                     Request::Remove { path, recursive } => files::remove(path, *recursive),
-                    _ => Err((
-                        ErrorKind::UnknownRequest,
-                        format!("{} is not handled", other.name()),
-                    )),
+                    _ => Err((ErrorKind::UnknownRequest, format!("{} is not handled", other.name()))),
                 };
                 match result {
                     Ok(reply) => {

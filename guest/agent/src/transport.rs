@@ -88,12 +88,7 @@ impl Transport {
                 })
             }
             Transport::Vsock(port) => {
-                let fd = socket(
-                    AddressFamily::Vsock,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )?;
+                let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
                 connect(fd.as_raw_fd(), &VsockAddr::new(VSOCK_HOST_CID, *port))?;
                 // A connected stream socket reads and writes like a file.
                 let s = File::from(fd);
@@ -130,10 +125,7 @@ fn find_virtio_port(sysfs: &Path, name: &str) -> io::Result<PathBuf> {
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        format!(
-            "no virtio console port named {name:?} in {}",
-            sysfs.display()
-        ),
+        format!("no virtio console port named {name:?} in {}", sysfs.display()),
     ))
 }
 
@@ -145,14 +137,8 @@ mod tests {
     fn parses_every_spec() {
         assert_eq!("vsock".parse(), Ok(Transport::Vsock(1024)));
         assert_eq!("vsock:5000".parse(), Ok(Transport::Vsock(5000)));
-        assert_eq!(
-            "port:warren.0".parse(),
-            Ok(Transport::Port("warren.0".into()))
-        );
-        assert_eq!(
-            "unix:/run/a.sock".parse(),
-            Ok(Transport::Unix("/run/a.sock".into()))
-        );
+        assert_eq!("port:warren.0".parse(), Ok(Transport::Port("warren.0".into())));
+        assert_eq!("unix:/run/a.sock".parse(), Ok(Transport::Unix("/run/a.sock".into())));
     }
 
     #[test]

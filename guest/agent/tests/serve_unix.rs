@@ -44,9 +44,7 @@ fn start() -> Agent {
         }
     };
     stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
     Agent {
         child,
@@ -76,10 +74,7 @@ fn hello_names_version_agent_and_kernel() {
     assert_eq!(h.protocol_version, PROTOCOL_VERSION);
     assert!(h.agent.starts_with("guest-agent "), "{}", h.agent);
     let uname = Command::new("uname").arg("-r").output().unwrap();
-    assert_eq!(
-        h.kernel_release,
-        String::from_utf8_lossy(&uname.stdout).trim()
-    );
+    assert_eq!(h.kernel_release, String::from_utf8_lossy(&uname.stdout).trim());
     assert!(h.boot_time_ns > 0);
 }
 
@@ -108,10 +103,7 @@ fn exec_passes_env_cwd_stdin_and_exit_code() {
             timeout_ms: Some(10_000),
         })
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "hi from /tmp\npiped input\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi from /tmp\npiped input\n");
     assert_eq!(out.stderr, b"err\n");
     assert_eq!(out.status.code, Some(3));
     assert!(!out.status.timed_out);
@@ -178,10 +170,7 @@ fn timeout_kills_the_process_group() {
 fn kill_signals_a_running_exec() {
     let mut a = start();
     let id = a.client.send(Request::Exec(sh("exec sleep 30"))).unwrap();
-    assert!(matches!(
-        a.client.next_reply(id).unwrap(),
-        Reply::ExecStarted { .. }
-    ));
+    assert!(matches!(a.client.next_reply(id).unwrap(), Reply::ExecStarted { .. }));
     assert_eq!(
         a.client
             .call(Request::Kill {
@@ -226,11 +215,7 @@ fn exec_of_missing_program_or_cwd_is_not_found() {
         ..Default::default()
     }));
     assert_eq!(e.kind, ErrorKind::NotFound);
-    assert!(
-        e.message.contains("definitely-not-a-program"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("definitely-not-a-program"), "{}", e.message);
     let e = guest_error(a.client.exec(ExecRequest {
         cwd: Some("/no/such/dir".into()),
         ..sh("true")
@@ -248,9 +233,7 @@ fn files_write_read_list_remove() {
     let base = dir.path().to_str().unwrap();
     let path = format!("{base}/nested/blob.bin");
     // Larger than one chunk, so the client splits it.
-    let data: Vec<u8> = (0..(MAX_CHUNK * 2 + 17))
-        .map(|i| (i * 31 % 251) as u8)
-        .collect();
+    let data: Vec<u8> = (0..(MAX_CHUNK * 2 + 17)).map(|i| (i * 31 % 251) as u8).collect();
     a.client.write_file(&path, &data, Some(0o640)).unwrap();
     assert_eq!(a.client.read_file(&path).unwrap(), data);
     let entries = a.client.list_dir(&format!("{base}/nested")).unwrap();
@@ -272,9 +255,7 @@ fn many_requests_in_flight_are_answered_by_id() {
     let ids: Vec<_> = (0..16)
         .map(|i| {
             a.client
-                .send(Request::Exec(sh(&format!(
-                    "sleep 0.$(( {i} % 3 )); echo {i}"
-                ))))
+                .send(Request::Exec(sh(&format!("sleep 0.$(( {i} % 3 )); echo {i}"))))
                 .unwrap()
         })
         .collect();
@@ -345,10 +326,7 @@ fn shutdown_acknowledges_and_exits() {
             assert!(st.success(), "{st:?}");
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "agent still running after shutdown"
-        );
+        assert!(Instant::now() < deadline, "agent still running after shutdown");
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -35,9 +35,7 @@ pub unsafe fn cmdline(zero_page: u64) -> &'static [u8] {
 
 /// The value of the first `key` (e.g. `b"probe.mode="`) on the command line.
 pub fn option<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
-    cmdline
-        .split(|&b| b == b' ')
-        .find_map(|w| w.strip_prefix(key))
+    cmdline.split(|&b| b == b' ').find_map(|w| w.strip_prefix(key))
 }
 
 /// Base address of the first `virtio_mmio.device=<size>@<addr>:<irq>` on

@@ -63,18 +63,14 @@ static CLOCK: Static = Static(UnsafeCell::new(PvClock {
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc only reads the time-stamp counter.
-    unsafe {
-        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
     u64::from(lo) | (u64::from(hi) << 32)
 }
 
 fn wrmsr(msr: u32, value: u64) {
     // SAFETY: writing a KVM paravirtual MSR with the address of a static,
     // aligned structure the host may write into.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
-    };
+    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
 }
 
 /// Asks KVM to keep the clock and steal-time structures updated.
@@ -127,11 +123,7 @@ pub fn now_ns() -> u64 {
         if v1 != v2 || v1 & 1 == 1 {
             continue;
         }
-        let delta = if shift >= 0 {
-            ts << shift
-        } else {
-            ts >> (-shift)
-        };
+        let delta = if shift >= 0 { ts << shift } else { ts >> (-shift) };
         return sys.wrapping_add(((u128::from(delta) * u128::from(mul)) >> 32) as u64);
     }
 }

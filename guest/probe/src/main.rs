@@ -33,8 +33,8 @@ use alloc::vec;
 use core::arch::asm;
 
 use warren_protocol::{
-    decode_host_frame, encode_frame, ErrorKind, ErrorReply, FrameDecoder, GuestFrame, Hello,
-    HostFrame, Reply, Request, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode_host_frame, encode_frame, ErrorKind, ErrorReply, FrameDecoder, GuestFrame, Hello, HostFrame, Reply, Request,
+    AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
 /// The VMM's boot-timer port.
@@ -129,13 +129,7 @@ fn serve(vsock: &mut vsock::Vsock) -> ! {
                             reply: Reply::Pong { nonce },
                         },
                         Request::Shutdown => {
-                            send(
-                                vsock,
-                                &GuestFrame::Reply {
-                                    id,
-                                    reply: Reply::Done,
-                                },
-                            );
+                            send(vsock, &GuestFrame::Reply { id, reply: Reply::Done });
                             power_off();
                         }
                         Request::BurnCpu { ms } => {
@@ -145,29 +139,19 @@ fn serve(vsock: &mut vsock::Vsock) -> ! {
                             while clock::run_ns() < end {
                                 core::hint::spin_loop();
                             }
-                            GuestFrame::Reply {
+                            GuestFrame::Reply { id, reply: Reply::Done }
+                        }
+                        Request::TouchMemory { mib, pattern } => match memory::touch(mib, pattern) {
+                            Ok(()) => GuestFrame::Reply { id, reply: Reply::Done },
+                            Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                        },
+                        Request::ChecksumMemory { offset, len } => match memory::checksum(offset, len) {
+                            Ok(sum) => GuestFrame::Reply {
                                 id,
-                                reply: Reply::Done,
-                            }
-                        }
-                        Request::TouchMemory { mib, pattern } => {
-                            match memory::touch(mib, pattern) {
-                                Ok(()) => GuestFrame::Reply {
-                                    id,
-                                    reply: Reply::Done,
-                                },
-                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
-                            }
-                        }
-                        Request::ChecksumMemory { offset, len } => {
-                            match memory::checksum(offset, len) {
-                                Ok(sum) => GuestFrame::Reply {
-                                    id,
-                                    reply: Reply::Checksum(sum),
-                                },
-                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
-                            }
-                        }
+                                reply: Reply::Checksum(sum),
+                            },
+                            Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                        },
                         other => error(
                             Some(id),
                             ErrorKind::InvalidRequest,

@@ -45,12 +45,7 @@ unsafe fn copy_forward(dst: *mut u8, src: *const u8, n: usize) {
     let mut i = 0;
     while i + 8 <= n {
         // SAFETY: i + 8 <= n; unaligned word accesses are fine on x86.
-        unsafe {
-            write_volatile(
-                dst.add(i) as *mut [u8; 8],
-                read_volatile(src.add(i) as *const [u8; 8]),
-            )
-        };
+        unsafe { write_volatile(dst.add(i) as *mut [u8; 8], read_volatile(src.add(i) as *const [u8; 8])) };
         i += 8;
     }
     while i < n {

@@ -69,8 +69,7 @@ pub fn touch(mib: u32, pattern: u64) -> Result<(), String> {
 /// Wrapping sum of the 64-bit words of `[offset, offset + len)`.
 pub fn checksum(offset: u64, len: u64) -> Result<u64, String> {
     let end = offset.checked_add(len).ok_or("range overflows")?;
-    if !offset.is_multiple_of(8) || !len.is_multiple_of(8) || offset < TOUCH_BASE || end > ram_end()
-    {
+    if !offset.is_multiple_of(8) || !len.is_multiple_of(8) || offset < TOUCH_BASE || end > ram_end() {
         return Err(format!(
             "range {offset:#x}+{len:#x} must be 8-byte aligned and inside [{TOUCH_BASE:#x}, {:#x})",
             ram_end()

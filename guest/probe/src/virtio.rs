@@ -111,9 +111,7 @@ impl Device {
     /// device of type `device_id`.
     pub fn probe(base: usize, device_id: u32) -> Option<Device> {
         let d = Device { base };
-        (d.read(REG_MAGIC) == 0x7472_6976
-            && d.read(REG_VERSION) == 2
-            && d.read(REG_DEVICE_ID) == device_id)
+        (d.read(REG_MAGIC) == 0x7472_6976 && d.read(REG_VERSION) == 2 && d.read(REG_DEVICE_ID) == device_id)
             .then_some(d)
     }
 

@@ -96,8 +96,7 @@ impl Vsock {
         let bufs = BUFFERS.0.get();
         // SAFETY: `init` runs once; these are the static rings of the two
         // queues, handed to the device and used only through `Queue`.
-        let (rx_rings, tx_rings) =
-            unsafe { (&raw mut (*bufs).rx_rings, &raw mut (*bufs).tx_rings) };
+        let (rx_rings, tx_rings) = unsafe { (&raw mut (*bufs).rx_rings, &raw mut (*bufs).tx_rings) };
         let mut rx = dev.queue(0, rx_rings)?;
         let mut tx = dev.queue(1, tx_rings)?;
         dev.driver_ok();
@@ -156,8 +155,7 @@ impl Vsock {
         self.fwd_cnt_reported = self.fwd_cnt;
         tx[HDR_LEN..HDR_LEN + payload.len()].copy_from_slice(payload);
         let addr = tx.as_ptr() as u64;
-        self.tx
-            .offer(0, addr, (HDR_LEN + payload.len()) as u32, false);
+        self.tx.offer(0, addr, (HDR_LEN + payload.len()) as u32, false);
         self.dev.notify(&self.tx);
         while self.tx.take_used().is_none() {
             core::hint::spin_loop();
@@ -202,8 +200,7 @@ impl Vsock {
     /// Offers the last handed-out receive buffer back to the device.
     fn recycle(&mut self) {
         if let Some(slot) = self.pending_rx.take() {
-            self.rx
-                .offer(slot, Self::rx_addr(slot), BUF_LEN as u32, true);
+            self.rx.offer(slot, Self::rx_addr(slot), BUF_LEN as u32, true);
             self.dev.notify(&self.rx);
         }
     }

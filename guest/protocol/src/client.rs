@@ -132,17 +132,9 @@ impl<R: Read, W: Write> AgentClient<R, W> {
             }
             match read_frame(&mut self.reader)? {
                 GuestFrame::Reply { id: rid, reply } if rid == id => return Ok(reply),
-                GuestFrame::Error {
-                    id: Some(rid),
-                    error,
-                } if rid == id => return Err(ClientError::Guest(error)),
-                GuestFrame::Reply { id: rid, reply } => {
-                    self.stash.entry(rid).or_default().push_back(Ok(reply))
-                }
-                GuestFrame::Error {
-                    id: Some(rid),
-                    error,
-                } => self.stash.entry(rid).or_default().push_back(Err(error)),
+                GuestFrame::Error { id: Some(rid), error } if rid == id => return Err(ClientError::Guest(error)),
+                GuestFrame::Reply { id: rid, reply } => self.stash.entry(rid).or_default().push_back(Ok(reply)),
+                GuestFrame::Error { id: Some(rid), error } => self.stash.entry(rid).or_default().push_back(Err(error)),
                 GuestFrame::Error { id: None, error } => return Err(ClientError::Guest(error)),
                 GuestFrame::Hello(_) => return Err(ClientError::Protocol("a second hello".into())),
             }
@@ -196,11 +188,7 @@ impl<R: Read, W: Write> AgentClient<R, W> {
             Stream::Stdout => stdout.extend_from_slice(data),
             Stream::Stderr => stderr.extend_from_slice(data),
         })?;
-        Ok(ExecOutput {
-            stdout,
-            stderr,
-            status,
-        })
+        Ok(ExecOutput { stdout, stderr, status })
     }
 
     /// Reads a whole file, chunk by chunk.
@@ -219,9 +207,7 @@ impl<R: Read, W: Write> AgentClient<R, W> {
                         return Ok(out);
                     }
                     if data.is_empty() {
-                        return Err(ClientError::Protocol(
-                            "empty read before end of file".into(),
-                        ));
+                        return Err(ClientError::Protocol("empty read before end of file".into()));
                     }
                 }
                 other => return Err(unexpected("file data", &other)),
@@ -230,12 +216,7 @@ impl<R: Read, W: Write> AgentClient<R, W> {
     }
 
     /// Writes a whole file (truncating it), chunk by chunk.
-    pub fn write_file(
-        &mut self,
-        path: &str,
-        data: &[u8],
-        mode: Option<u32>,
-    ) -> Result<(), ClientError> {
+    pub fn write_file(&mut self, path: &str, data: &[u8], mode: Option<u32>) -> Result<(), ClientError> {
         let mut chunks = data.chunks(MAX_CHUNK);
         let first = chunks.next().unwrap_or(&[]);
         self.expect_done(Request::WriteFile(WriteFileRequest {

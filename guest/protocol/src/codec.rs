@@ -93,12 +93,7 @@ pub fn decode_guest_frame(payload: &[u8]) -> Result<GuestFrame, DecodeError> {
     decode_whole(payload, None)
 }
 
-fn check_variant(
-    id: Option<RequestId>,
-    bytes: &[u8],
-    known: u32,
-    what: &str,
-) -> Result<(), DecodeError> {
+fn check_variant(id: Option<RequestId>, bytes: &[u8], known: u32, what: &str) -> Result<(), DecodeError> {
     let (tag, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| DecodeError {
         id,
         kind: ErrorKind::MalformedFrame,
@@ -114,22 +109,15 @@ fn check_variant(
     Ok(())
 }
 
-fn decode_whole<T: DeserializeOwned>(
-    payload: &[u8],
-    id: Option<RequestId>,
-) -> Result<T, DecodeError> {
+fn decode_whole<T: DeserializeOwned>(payload: &[u8], id: Option<RequestId>) -> Result<T, DecodeError> {
     let malformed = |detail: String| DecodeError {
         id,
         kind: ErrorKind::MalformedFrame,
         detail,
     };
-    let (msg, rest) =
-        postcard::take_from_bytes::<T>(payload).map_err(|e| malformed(format!("{e}")))?;
+    let (msg, rest) = postcard::take_from_bytes::<T>(payload).map_err(|e| malformed(format!("{e}")))?;
     if !rest.is_empty() {
-        return Err(malformed(format!(
-            "{} trailing bytes after the message",
-            rest.len()
-        )));
+        return Err(malformed(format!("{} trailing bytes after the message", rest.len())));
     }
     Ok(msg)
 }
@@ -152,10 +140,7 @@ mod tests {
                 stdin: b"input".to_vec(),
                 timeout_ms: Some(1500),
             }),
-            Request::Kill {
-                exec_id: 3,
-                signal: 15,
-            },
+            Request::Kill { exec_id: 3, signal: 15 },
             Request::ReadFile {
                 path: "/etc/hostname".into(),
                 offset: 10,
@@ -346,10 +331,7 @@ mod tests {
     fn huge_length_prefix_inside_payload_is_malformed_not_an_allocation() {
         // id 1, Exec (1), argv length varint ≈ 2^63: must fail, not allocate.
         let p = [1, 1, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F];
-        assert_eq!(
-            decode_host_frame(&p).unwrap_err().kind,
-            ErrorKind::MalformedFrame
-        );
+        assert_eq!(decode_host_frame(&p).unwrap_err().kind, ErrorKind::MalformedFrame);
     }
 
     #[test]
@@ -368,10 +350,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        assert!(matches!(
-            encode_frame(&msg),
-            Err(EncodeError::TooLarge { .. })
-        ));
+        assert!(matches!(encode_frame(&msg), Err(EncodeError::TooLarge { .. })));
     }
 
     /// Deterministic pseudo-random garbage through the whole decode path:

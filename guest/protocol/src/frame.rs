@@ -165,10 +165,7 @@ mod tests {
         write_header(&mut bytes, 20);
         bytes.extend_from_slice(&[0xAA; 5]);
         d.push(&bytes);
-        assert_eq!(
-            d.next_frame(),
-            Some(Err(FrameError::TooLarge { len: 20, max: 8 }))
-        );
+        assert_eq!(d.next_frame(), Some(Err(FrameError::TooLarge { len: 20, max: 8 })));
         assert!(d.is_skipping());
         assert_eq!(d.next_frame(), None);
         // The remaining 15 payload bytes arrive together with a good frame.
@@ -186,20 +183,14 @@ mod tests {
         d.push(&framed(b"abc"));
         assert_eq!(d.next_frame(), Some(Ok(b"abc".to_vec())));
         d.push(&framed(b"abcd"));
-        assert!(matches!(
-            d.next_frame(),
-            Some(Err(FrameError::TooLarge { .. }))
-        ));
+        assert!(matches!(d.next_frame(), Some(Err(FrameError::TooLarge { .. }))));
     }
 
     #[test]
     fn max_u32_header_does_not_allocate_or_panic() {
         let mut d = FrameDecoder::default();
         d.push(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            d.next_frame(),
-            Some(Err(FrameError::TooLarge { .. }))
-        ));
+        assert!(matches!(d.next_frame(), Some(Err(FrameError::TooLarge { .. }))));
         d.push(&[0; 1024]);
         assert_eq!(d.buffered(), 0);
     }

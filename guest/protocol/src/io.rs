@@ -62,8 +62,7 @@ impl<R: Read> FrameReader<R> {
 
 /// Encodes `msg` as one frame and writes it whole.
 pub fn write_message<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
-    let bytes = encode_frame(msg)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let bytes = encode_frame(msg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     w.write_all(&bytes)?;
     w.flush()
 }
@@ -90,10 +89,7 @@ mod tests {
         let mut r = FrameReader::new(&wire[..]);
         for nonce in 0..3 {
             let p = r.read_payload().unwrap().unwrap().unwrap();
-            assert_eq!(
-                decode_host_frame(&p).unwrap().request,
-                Request::Ping { nonce }
-            );
+            assert_eq!(decode_host_frame(&p).unwrap().request, Request::Ping { nonce });
         }
         assert!(r.read_payload().unwrap().is_none());
     }

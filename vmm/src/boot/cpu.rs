@@ -4,9 +4,7 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{
-    BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR,
-};
+use crate::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 
 const X86_CR0_PE: u64 = 1;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -102,11 +100,7 @@ pub fn setup_sregs(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), B
         let pd = PD_ADDR + gib * 0x1000;
         w("the page tables", PDPT_ADDR + gib * 8, pd | 0x03)?;
         for i in 0..512u64 {
-            w(
-                "the page tables",
-                pd + i * 8,
-                (gib << 30) | (i << 21) | 0x83,
-            )?;
+            w("the page tables", pd + i * 8, (gib << 30) | (i << 21) | 0x83)?;
         }
     }
     sregs.cr3 = PML4_ADDR;
@@ -145,22 +139,12 @@ mod tests {
     fn gdt_entries_decode_to_flat_long_mode_segments() {
         let code = segment(gdt_entry(0xa09b, 0, 0xfffff), 2);
         assert_eq!(
-            (
-                code.selector,
-                code.l,
-                code.db,
-                code.g,
-                code.present,
-                code.type_
-            ),
+            (code.selector, code.l, code.db, code.g, code.present, code.type_),
             (0x10, 1, 0, 1, 1, 0xb)
         );
         assert_eq!((code.base, code.limit), (0, 0xfffff));
         let data = segment(gdt_entry(0xc093, 0, 0xfffff), 3);
-        assert_eq!(
-            (data.selector, data.l, data.db, data.s, data.type_),
-            (0x18, 0, 1, 1, 3)
-        );
+        assert_eq!((data.selector, data.l, data.db, data.s, data.type_), (0x18, 0, 1, 1, 3));
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
     }
 }

@@ -52,14 +52,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64), Loa
         reason,
     };
     let mut f = File::open(path).map_err(|e| err(e.to_string()))?;
-    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
-        .map_err(|e| err(e.to_string()))?;
+    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|e| err(e.to_string()))?;
     let entry = r.kernel_load.0;
     // The boot page tables map the first GiB; the entry must be inside it.
     if entry >= 1 << 30 {
-        return Err(err(format!(
-            "entry point {entry:#x} is above the first GiB"
-        )));
+        return Err(err(format!("entry point {entry:#x} is above the first GiB")));
     }
     Ok((entry, r.kernel_end))
 }
@@ -82,7 +79,11 @@ pub fn load_initrd(
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end)
-        .ok_or_else(|| err(format!("{size} bytes do not fit between the kernel (ends at {kernel_end:#x}) and {low_end:#x}")))?;
+        .ok_or_else(|| {
+            err(format!(
+                "{size} bytes do not fit between the kernel (ends at {kernel_end:#x}) and {low_end:#x}"
+            ))
+        })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|e| err(e.to_string()))?;
     Ok((addr, size))
@@ -90,8 +91,7 @@ pub fn load_initrd(
 
 /// Writes the command line; returns its length including the NUL.
 pub fn load_cmdline(mem: &GuestMemoryMmap, text: &str) -> Result<usize, LoadError> {
-    let cmdline =
-        Cmdline::try_from(text, CMDLINE_MAX).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    let cmdline = Cmdline::try_from(text, CMDLINE_MAX).map_err(|e| LoadError::Cmdline(e.to_string()))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| LoadError::Cmdline(e.to_string()))?;
     Ok(text.len() + 1)

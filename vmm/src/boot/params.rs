@@ -84,11 +84,7 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert_eq!(m[2].addr + m[2].size, MMIO_START);
         assert_eq!({ m[3].addr }, MMIO_END);
-        let ram: u64 = m
-            .iter()
-            .filter(|e| e.r#type == E820_RAM)
-            .map(|e| e.size)
-            .sum();
+        let ram: u64 = m.iter().filter(|e| e.r#type == E820_RAM).map(|e| e.size).sum();
         assert_eq!(ram, (4 << 30) - (HIMEM_START - EBDA_START));
     }
 }

@@ -59,10 +59,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut d = I8042::new(tx);
         d.write(4, &[0xfe]);
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(VmEvent::Exit(ExitReason::GuestReset))
-        ));
+        assert!(matches!(rx.try_recv(), Ok(VmEvent::Exit(ExitReason::GuestReset))));
         d.write(4, &[0x20]); // read command byte: no reset
         assert!(rx.try_recv().is_err());
     }

@@ -67,9 +67,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(off, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).read(off, data);
                 true
             }
             None => {
@@ -83,9 +81,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(off, data);
+                dev.lock().unwrap_or_else(|e| e.into_inner()).write(off, data);
                 true
             }
             None => false,

@@ -3,9 +3,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -71,18 +69,9 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `id` and gives it CPUID, MSRs, FPU and LAPIC state;
     /// the boot vCPU (0) also gets the 64-bit entry state.
-    pub fn new(
-        kvm: &Kvm,
-        vm: &VmFd,
-        mem: &GuestMemoryMmap,
-        id: u8,
-        count: u8,
-        entry: u64,
-    ) -> Result<Vcpu, VcpuError> {
+    pub fn new(kvm: &Kvm, vm: &VmFd, mem: &GuestMemoryMmap, id: u8, count: u8, entry: u64) -> Result<Vcpu, VcpuError> {
         let e = |what| move |source| VcpuError::Kvm { id, what, source };
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(e("KVM_CREATE_VCPU"))?;
+        let fd = vm.create_vcpu(u64::from(id)).map_err(e("KVM_CREATE_VCPU"))?;
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(e("KVM_GET_SUPPORTED_CPUID"))?;
@@ -136,8 +125,7 @@ impl Vcpu {
             let mut sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
             cpu::setup_sregs(mem, &mut sregs).map_err(|b| VcpuError::Boot(id, b))?;
             fd.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
-            fd.set_regs(&cpu::boot_regs(entry))
-                .map_err(e("KVM_SET_REGS"))?;
+            fd.set_regs(&cpu::boot_regs(entry)).map_err(e("KVM_SET_REGS"))?;
         }
         Ok(Vcpu { id, fd })
     }
@@ -171,14 +159,10 @@ impl Vcpu {
                     other => break self.failure(format!("system event {other}")),
                 },
                 Ok(VcpuExit::InternalError) => {
-                    break self.failure(
-                        "KVM internal error (an instruction KVM could not emulate?)".into(),
-                    )
+                    break self.failure("KVM internal error (an instruction KVM could not emulate?)".into())
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    break self.failure(format!(
-                        "VM entry failed: hardware reason {reason:#x} on cpu {cpu}"
-                    ))
+                    break self.failure(format!("VM entry failed: hardware reason {reason:#x} on cpu {cpu}"))
                 }
                 Ok(other) => {
                     let what = format!("unexpected exit {other:?}");
@@ -200,7 +184,20 @@ impl Vcpu {
             (Ok(r), Ok(s)) => format!(
                 "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} \
                  cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
-                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
             ),
             _ => "registers unavailable".into(),
         };

@@ -46,8 +46,7 @@ pub fn create(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
     }
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     Ok(vm)
 }
 

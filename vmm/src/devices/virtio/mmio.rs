@@ -148,10 +148,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let valid = self
-            .queues
-            .iter()
-            .all(|q| !q.ready() || q.is_valid(&self.mem));
+        let valid = self.queues.iter().all(|q| !q.ready() || q.is_valid(&self.mem));
         let events: Option<Vec<EventFd>> = self.queue_events.iter_mut().map(|e| e.take()).collect();
         let (true, Some(queue_events)) = (valid, events) else {
             tracing::warn!("virtio-mmio: driver activated a device with invalid queues");
@@ -217,9 +214,7 @@ impl MmioTransport {
             }
             REG_QUEUE_SEL => self.queue_sel = v,
             REG_QUEUE_NUM => match self.selected_queue() {
-                Some(q) if v > 0 && v <= u32::from(q.max_size()) && v.is_power_of_two() => {
-                    q.set_size(v as u16)
-                }
+                Some(q) if v > 0 && v <= u32::from(q.max_size()) && v.is_power_of_two() => q.set_size(v as u16),
                 _ => self.ignore("queue size", offset, v),
             },
             REG_QUEUE_READY => match self.selected_queue() {
@@ -233,11 +228,7 @@ impl MmioTransport {
             | REG_QUEUE_DEVICE_LOW
             | REG_QUEUE_DEVICE_HIGH => {
                 let high = offset & 4 != 0;
-                let (lo, hi) = if high {
-                    (None, Some(v))
-                } else {
-                    (Some(v), None)
-                };
+                let (lo, hi) = if high { (None, Some(v)) } else { (Some(v), None) };
                 match self.selected_queue() {
                     Some(q) => match offset & !4 {
                         REG_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
@@ -273,11 +264,7 @@ impl BusDevice for MmioTransport {
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
-            return self.ignore(
-                "register read not 4-byte aligned",
-                offset,
-                data.len() as u32,
-            );
+            return self.ignore("register read not 4-byte aligned", offset, data.len() as u32);
         }
         let v = self.read_reg(offset);
         data.copy_from_slice(&v.to_le_bytes());
@@ -288,11 +275,7 @@ impl BusDevice for MmioTransport {
             return self.ignore("config write (read-only config)", offset, 0);
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            return self.ignore(
-                "register write not 4-byte aligned",
-                offset,
-                data.len() as u32,
-            );
+            return self.ignore("register write not 4-byte aligned", offset, data.len() as u32);
         }
         let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         self.write_reg(offset, v);

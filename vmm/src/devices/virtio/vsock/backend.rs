@@ -123,16 +123,10 @@ pub struct Backend {
 
 impl Backend {
     /// Takes over the activated queues.
-    pub fn new(
-        a: Activation,
-        listener: UnixListener,
-        uds_path: PathBuf,
-        guest_cid: u64,
-    ) -> std::io::Result<Backend> {
+    pub fn new(a: Activation, listener: UnixListener, uds_path: PathBuf, guest_cid: u64) -> std::io::Result<Backend> {
         let mut queues = a.queues.into_iter();
         let mut events = a.queue_events.into_iter();
-        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
-        else {
+        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next()) else {
             return Err(std::io::Error::other("vsock needs three queues"));
         };
         let (Some(e0), Some(e1), Some(e2)) = (events.next(), events.next(), events.next()) else {
@@ -144,11 +138,7 @@ impl Backend {
             (e1.as_raw_fd(), TOKEN_TX),
             (e2.as_raw_fd(), TOKEN_EVENT),
         ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))?;
         }
         epoll.ctl(
             ControlOperation::Add,
@@ -260,8 +250,7 @@ impl Backend {
                     let parsed = if total < HDR_LEN || reader.read_exact(&mut hdr).is_err() {
                         Err(format!("chain of {total} bytes holds no header"))
                     } else {
-                        Header::parse(&hdr, total - HDR_LEN, self.guest_cid)
-                            .map_err(|e| e.to_string())
+                        Header::parse(&hdr, total - HDR_LEN, self.guest_cid).map_err(|e| e.to_string())
                     };
                     match parsed {
                         Ok(h) => {
@@ -289,11 +278,7 @@ impl Backend {
 
     fn bad(&mut self, why: String) {
         self.bad_packets += 1;
-        tracing::debug!(
-            why,
-            total = self.bad_packets,
-            "vsock: dropped a packet from the guest"
-        );
+        tracing::debug!(why, total = self.bad_packets, "vsock: dropped a packet from the guest");
     }
 
     fn handle_packet(&mut self, h: Header, payload: Vec<u8>) {
@@ -370,8 +355,7 @@ impl Backend {
                 }
                 self.by_token.insert(token, key);
                 self.conns.insert(key, c);
-                self.control
-                    .push_back(self.header_for(key, op::RESPONSE, 0, 0));
+                self.control.push_back(self.header_for(key, op::RESPONSE, 0, 0));
             }
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "guest connection refused");
@@ -398,11 +382,9 @@ impl Backend {
 
     fn close(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, c.stream.as_raw_fd(), EpollEvent::default());
             self.by_token.remove(&c.token);
         }
     }
@@ -491,18 +473,12 @@ impl Backend {
             Ok(n) => {
                 p.line.extend_from_slice(&buf[..n]);
                 match p.line.iter().position(|&b| b == b'\n') {
-                    Some(i) => Some(
-                        parse_connect(&p.line[..i]).map(|port| (port, p.line[i + 1..].to_vec())),
-                    ),
-                    None if p.line.len() >= MAX_CONNECT_LINE => {
-                        Some(Err("CONNECT line too long".into()))
-                    }
+                    Some(i) => Some(parse_connect(&p.line[..i]).map(|port| (port, p.line[i + 1..].to_vec()))),
+                    None if p.line.len() >= MAX_CONNECT_LINE => Some(Err("CONNECT line too long".into())),
                     None => None,
                 }
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                None
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => None,
             Err(e) => Some(Err(e.to_string())),
         };
         let Some(result) = done else { return };
@@ -520,15 +496,12 @@ impl Backend {
                 c.to_guest = early_data;
                 self.by_token.insert(token, key);
                 self.conns.insert(key, c);
-                self.control
-                    .push_back(self.header_for(key, op::REQUEST, 0, 0));
+                self.control.push_back(self.header_for(key, op::REQUEST, 0, 0));
             }
             Err(why) => {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    p.stream.as_raw_fd(),
-                    EpollEvent::default(),
-                );
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, p.stream.as_raw_fd(), EpollEvent::default());
                 let _ = p.stream.write_all(format!("ERROR {why}\n").as_bytes());
             }
         }
@@ -602,8 +575,7 @@ impl Backend {
                     let mut h = hdr;
                     let data: Vec<u8> = match key.and_then(|k| self.conns.get_mut(&k)) {
                         Some(c) => {
-                            let n =
-                                (c.to_guest.len() as u32).min(room).min(c.peer_credit()) as usize;
+                            let n = (c.to_guest.len() as u32).min(room).min(c.peer_credit()) as usize;
                             let d: Vec<u8> = c.to_guest.drain(..n).collect();
                             c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                             h.len = n as u32;
@@ -613,10 +585,7 @@ impl Backend {
                         }
                         None => Vec::new(),
                     };
-                    if w.write_all(&h.to_bytes())
-                        .and_then(|_| w.write_all(&data))
-                        .is_ok()
-                    {
+                    if w.write_all(&h.to_bytes()).and_then(|_| w.write_all(&data)).is_ok() {
                         written = HDR_LEN as u32 + data.len() as u32;
                     } else {
                         self.bad("rx buffer not writable".into());
@@ -657,9 +626,7 @@ impl Backend {
         let key = self
             .conns
             .iter()
-            .find(|(_, c)| {
-                c.state == State::Established && !c.to_guest.is_empty() && c.peer_credit() > 0
-            })
+            .find(|(_, c)| c.state == State::Established && !c.to_guest.is_empty() && c.peer_credit() > 0)
             .map(|(k, _)| *k)?;
         Some((self.header_for(key, op::RW, 0, 0), Some(key)))
     }
@@ -701,9 +668,7 @@ fn parse_connect(line: &[u8]) -> Result<u32, String> {
         .trim_end_matches('\r')
         .strip_prefix("CONNECT ")
         .ok_or_else(|| format!("expected `CONNECT <port>`, got {text:?}"))?;
-    port.trim()
-        .parse()
-        .map_err(|_| format!("bad port {port:?}"))
+    port.trim().parse().map_err(|_| format!("bad port {port:?}"))
 }
 
 #[cfg(test)]
@@ -714,9 +679,7 @@ mod tests {
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1024"), Ok(1024));
         assert_eq!(parse_connect(b"CONNECT 52\r"), Ok(52));
-        assert!(parse_connect(b"CONNECT x")
-            .unwrap_err()
-            .contains("bad port"));
+        assert!(parse_connect(b"CONNECT x").unwrap_err().contains("bad port"));
         assert!(parse_connect(b"HELLO 1").unwrap_err().contains("CONNECT"));
     }
 }

@@ -169,13 +169,7 @@ mod tests {
             Err(PacketError::Length { .. })
         ));
         let dgram = Header { kind: 2, ..h };
-        assert_eq!(
-            Header::parse(&dgram.to_bytes(), 10, 3),
-            Err(PacketError::Type(2))
-        );
-        assert_eq!(
-            Header::parse(&h.to_bytes(), 10, 4),
-            Err(PacketError::SourceCid(3))
-        );
+        assert_eq!(Header::parse(&dgram.to_bytes(), 10, 3), Err(PacketError::Type(2)));
+        assert_eq!(Header::parse(&h.to_bytes(), 10, 4), Err(PacketError::SourceCid(3)));
     }
 }
