@@ -40,3 +40,30 @@ pub fn kernel() -> Result<PathBuf, MissingArtifact> {
 pub fn initramfs() -> Result<PathBuf, MissingArtifact> {
     find("initramfs", "WARREN_INITRAMFS", "images", "initramfs.cpio")
 }
+
+/// The probe guest: `$WARREN_PROBE`, else where `cargo xtask probe` builds it.
+pub fn probe() -> Result<PathBuf, MissingArtifact> {
+    let looked = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
+    });
+    if looked.is_file() {
+        Ok(looked)
+    } else {
+        Err(MissingArtifact {
+            what: "probe",
+            var: "WARREN_PROBE",
+            task: "probe",
+            looked,
+        })
+    }
+}
+
+/// Fails the calling test, saying why, when the host has no `/dev/kvm`:
+/// tests that boot VMs on KVM must never skip silently.
+pub fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "this test boots a VM on KVM and /dev/kvm is missing on this host"
+    );
+}

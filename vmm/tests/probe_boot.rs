@@ -8,28 +8,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn require_kvm() {
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "this test boots a VM on KVM and /dev/kvm is missing on this host"
-    );
-}
-
 fn probe() -> PathBuf {
-    let p = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
-    });
-    assert!(
-        p.is_file(),
-        "probe guest not built at {}: run `cargo xtask probe` (cargo xtask test does)",
-        p.display()
-    );
-    p
+    warren_e2e::artifacts::probe().unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn vmm() -> Command {
-    require_kvm();
+    warren_e2e::artifacts::require_kvm();
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
     c.stdin(Stdio::null());
     c

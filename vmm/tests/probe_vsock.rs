@@ -2,7 +2,7 @@
 //! register writes and descriptors, many VMs at once. Needs /dev/kvm.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,16 +10,7 @@ use warren_protocol::client::AgentClient;
 use warren_protocol::{Reply, Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
 
 fn probe() -> PathBuf {
-    let p = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../guest/probe/target/x86_64-unknown-linux-gnu/release/warren-probe")
-    });
-    assert!(
-        p.is_file(),
-        "probe guest not built at {}: run `cargo xtask probe`",
-        p.display()
-    );
-    p
+    warren_e2e::artifacts::probe().unwrap_or_else(|e| panic!("{e}"))
 }
 
 struct Vm {
@@ -37,10 +28,7 @@ impl Drop for Vm {
 }
 
 fn boot(cmdline: &str) -> Vm {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "this test boots a VM on KVM and /dev/kvm is missing on this host"
-    );
+    warren_e2e::artifacts::require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("v.sock");
     let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display())).unwrap();
