@@ -210,3 +210,20 @@ fn twenty_vms_at_once_all_say_hello() {
         shutdown(vm);
     }
 }
+
+#[test]
+fn a_guest_waiting_for_the_host_is_halted_not_spinning() {
+    let mut vm = boot("");
+    vm.client.ping(1).unwrap();
+    let before = vcpu_cpu_ns(vm.child.id());
+    // The probe now waits for the host's next request, halted.
+    std::thread::sleep(Duration::from_secs(2));
+    let waited = vcpu_cpu_ns(vm.child.id()) - before;
+    eprintln!("2 s waiting for the host: vCPU on-CPU {} us", waited / 1000);
+    assert!(
+        waited < 50_000_000,
+        "the vCPU ran {waited} ns while the guest only waited"
+    );
+    vm.client.ping(2).unwrap();
+    shutdown(vm);
+}

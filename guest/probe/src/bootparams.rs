@@ -38,18 +38,22 @@ pub fn option<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     cmdline.split(|&b| b == b' ').find_map(|w| w.strip_prefix(key))
 }
 
-/// Base address of the first `virtio_mmio.device=<size>@<addr>:<irq>` on
-/// the command line.
-pub fn virtio_mmio_base(cmdline: &[u8]) -> Option<usize> {
+/// Base address and IRQ of the first `virtio_mmio.device=<size>@<addr>:<irq>`
+/// on the command line.
+pub fn virtio_mmio_device(cmdline: &[u8]) -> Option<(usize, u8)> {
     let spec = option(cmdline, b"virtio_mmio.device=")?;
     let at = spec.iter().position(|&b| b == b'@')?;
     let rest = &spec[at + 1..];
-    let end = rest.iter().position(|&b| b == b':').unwrap_or(rest.len());
-    let hex = rest[..end].strip_prefix(b"0x")?;
-    let mut v: usize = 0;
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let hex = rest[..colon].strip_prefix(b"0x")?;
+    let mut base: usize = 0;
     for &c in hex {
         let d = (c as char).to_digit(16)? as usize;
-        v = v.checked_mul(16)?.checked_add(d)?;
+        base = base.checked_mul(16)?.checked_add(d)?;
     }
-    Some(v)
+    let mut irq: u8 = 0;
+    for &c in &rest[colon + 1..] {
+        irq = irq.checked_mul(10)?.checked_add((c as char).to_digit(10)? as u8)?;
+    }
+    Some((base, irq))
 }

@@ -7,7 +7,8 @@
 //!
 //! - with a virtio-vsock device on its command line, it connects to the
 //!   host (CID 2, port 1024), says hello and serves requests until told to
-//!   shut down, then resets the machine;
+//!   shut down, then resets the machine; between requests it halts until
+//!   the device interrupts, so waiting for the host costs no CPU;
 //! - without one, it resets the machine through the i8042 at once;
 //! - `probe.mode=halt` stops with interrupts off instead (only the VMM can
 //!   end the VM); `probe.mode=hostile` first writes garbage to the
@@ -21,6 +22,7 @@ extern crate alloc;
 mod bootparams;
 mod clock;
 mod heap;
+mod interrupts;
 mod mem;
 mod memory;
 mod port;
@@ -76,9 +78,10 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     if mode == Some(b"halt") {
         halt_forever();
     }
-    let Some(base) = bootparams::virtio_mmio_base(cmdline) else {
+    let Some((base, irq)) = bootparams::virtio_mmio_device(cmdline) else {
         power_off();
     };
+    interrupts::init(irq);
     let Some(mut vsock) = vsock::Vsock::init(base, mode == Some(b"hostile")) else {
         power_off();
     };

@@ -19,6 +19,8 @@ const REG_QUEUE_NUM_MAX: usize = 0x034;
 const REG_QUEUE_NUM: usize = 0x038;
 const REG_QUEUE_READY: usize = 0x044;
 const REG_QUEUE_NOTIFY: usize = 0x050;
+const REG_INTERRUPT_STATUS: usize = 0x060;
+const REG_INTERRUPT_ACK: usize = 0x064;
 const REG_STATUS: usize = 0x070;
 const REG_QUEUE_DESC: usize = 0x080;
 const REG_QUEUE_DRIVER: usize = 0x090;
@@ -159,6 +161,14 @@ impl Device {
     /// A 32-bit word of the device's configuration space.
     pub fn config_u32(&self, offset: usize) -> u32 {
         self.read(0x100 + offset)
+    }
+
+    /// Acknowledges whatever the device signalled.
+    pub fn ack_interrupt(&self) {
+        let status = self.read(REG_INTERRUPT_STATUS);
+        if status != 0 {
+            self.write(REG_INTERRUPT_ACK, status);
+        }
     }
 
     /// Tells the device the driver is ready.

@@ -205,11 +205,13 @@ impl Vsock {
         }
     }
 
-    /// Waits for the next data or close from the host.
+    /// Waits for the next data or close from the host, halted (not
+    /// spinning) while nothing has arrived.
     pub fn recv(&mut self) -> Incoming<'static> {
         loop {
             let Some(op) = self.next_packet_op() else {
-                core::hint::spin_loop();
+                crate::interrupts::wait();
+                self.dev.ack_interrupt();
                 continue;
             };
             let slot = self.pending_rx.unwrap_or(0);
