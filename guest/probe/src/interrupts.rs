@@ -103,9 +103,9 @@ pub fn init(irq: u8) {
     let idt = unsafe { &mut *IDT.0.get() };
     for (v, g) in idt.iter_mut().enumerate() {
         *g = gate(match v {
-            0..=31 => probe_fault_entry as usize,
-            v if v == usize::from(DEVICE_VECTOR) => probe_irq_entry as usize,
-            _ => probe_spurious_entry as usize,
+            0..=31 => probe_fault_entry as *const () as usize,
+            v if v == usize::from(DEVICE_VECTOR) => probe_irq_entry as *const () as usize,
+            _ => probe_spurious_entry as *const () as usize,
         });
     }
     #[repr(C, packed)]
