@@ -16,7 +16,10 @@ const LAPIC_SVR: usize = 0xf0;
 const IOAPIC_BASE: usize = 0xfec0_0000;
 /// Vector the virtio interrupt arrives on.
 const DEVICE_VECTOR: u8 = 0x35;
-const SPURIOUS_VECTOR: u8 = 0xff;
+/// Spurious vector, the last gate: the IDT stops here, since every gate
+/// written costs emulated instructions.
+const SPURIOUS_VECTOR: u8 = 0x3f;
+const GATES: usize = SPURIOUS_VECTOR as usize + 1;
 const KERNEL_CS: u16 = 0x10;
 
 #[repr(C, align(16))]
@@ -31,7 +34,7 @@ struct Gate {
     _zero: u32,
 }
 
-struct Idt(UnsafeCell<[Gate; 256]>);
+struct Idt(UnsafeCell<[Gate; GATES]>);
 // SAFETY: written once during `init` on the only vCPU, before interrupts
 // are enabled; only the CPU reads it afterwards.
 unsafe impl Sync for Idt {}
@@ -45,7 +48,7 @@ static IDT: Idt = Idt(UnsafeCell::new(
         offset_mid: 0,
         offset_hi: 0,
         _zero: 0,
-    }; 256],
+    }; GATES],
 ));
 
 // The device vector: end the interrupt at the local APIC and return. The
@@ -114,7 +117,7 @@ pub fn init(irq: u8) {
         base: u64,
     }
     let idtr = Idtr {
-        limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+        limit: (core::mem::size_of::<[Gate; GATES]>() - 1) as u16,
         base: IDT.0.get() as u64,
     };
     // SAFETY: loads a valid IDT that lives for the whole run.

@@ -81,7 +81,6 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     let Some((base, irq)) = bootparams::virtio_mmio_device(cmdline) else {
         power_off();
     };
-    interrupts::init(irq);
     let Some(mut vsock) = vsock::Vsock::init(base, mode == Some(b"hostile")) else {
         power_off();
     };
@@ -97,6 +96,9 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
         boot_stamps: vec![tsc_entry, clock::rdtsc()],
     });
     send(&mut vsock, &hello);
+    // Interrupts are only needed to sleep between requests: set them up
+    // after the hello, off the boot path.
+    interrupts::init(irq);
     serve(&mut vsock)
 }
 
