@@ -106,6 +106,10 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                 .unwrap_or_else(|| root.join("target"));
             cmd.env("WARREN_PROBE", probe::build()?)
                 .env("WARREN_VMM", target.join("release/vmm"));
+            if args.iter().any(|a| a == "linux" || a == "--kernel=linux") {
+                cmd.env("WARREN_KERNEL", kernel::build(cache)?)
+                    .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);
+            }
         }
         other => anyhow::bail!("unknown benchmark {other:?}; available: coldstart, kernel-boot"),
     }

@@ -72,7 +72,7 @@ fn monotonic_ns() -> u64 {
 }
 
 struct Run {
-    to_init_ms: f64,
+    to_init_ms: Option<f64>,
     to_ready_ms: f64,
     cycle_ms: f64,
 }
@@ -85,13 +85,27 @@ struct Booted {
     _dir: tempfile::TempDir,
 }
 
-fn spawn_vm(vmm: &Path, kernel: &Path, args: &Args, t0: &mut u64) -> Result<Booted> {
+/// What to boot.
+struct Guest {
+    kernel: PathBuf,
+    initramfs: Option<PathBuf>,
+    cmdline: &'static str,
+}
+
+/// Kernel command line for the project's Linux guest on the VMM.
+const LINUX_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 tsc=reliable warren.transport=vsock";
+
+fn spawn_vm(vmm: &Path, guest: &Guest, args: &Args, t0: &mut u64) -> Result<Booted> {
     let dir = tempfile::tempdir()?;
     let sock = dir.path().join("v.sock");
     let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display()))?;
     let mut cmd = Command::new(vmm);
+    if let Some(i) = &guest.initramfs {
+        cmd.arg("--initramfs").arg(i);
+    }
     cmd.arg("--kernel")
-        .arg(kernel)
+        .arg(&guest.kernel)
+        .args(["--cmdline", guest.cmdline])
         .args([
             "--vcpus",
             &args.vcpus.to_string(),
@@ -117,9 +131,9 @@ fn spawn_vm(vmm: &Path, kernel: &Path, args: &Args, t0: &mut u64) -> Result<Boot
     })
 }
 
-fn one_run(vmm: &Path, kernel: &Path, args: &Args) -> Result<Run> {
+fn one_run(vmm: &Path, guest: &Guest, args: &Args) -> Result<Run> {
     let mut t0 = 0;
-    let mut vm = spawn_vm(vmm, kernel, args, &mut t0)?;
+    let mut vm = spawn_vm(vmm, guest, args, &mut t0)?;
     vm.client.shutdown()?;
     let out = BufReader::new(vm.child.stdout.take().expect("piped"));
     let mut first_stamp = None;
@@ -137,10 +151,10 @@ fn one_run(vmm: &Path, kernel: &Path, args: &Args) -> Result<Run> {
     if !status.success() || exit["reason"] != "guest_reset" {
         bail!("vmm run failed: {status}: {exit}");
     }
-    let stamp = first_stamp.context("the guest never wrote the boot timer")?;
     let ms = |t: u64| t.saturating_sub(t0) as f64 / 1e6;
     Ok(Run {
-        to_init_ms: ms(stamp),
+        // Linux has no boot-timer hook: only the probe stamps it.
+        to_init_ms: first_stamp.map(ms),
         to_ready_ms: ms(vm.t_ready),
         cycle_ms: ms(t_exit),
     })
@@ -166,9 +180,9 @@ fn stub_cycle_ms(vmm: &Path, kernel: &Path, args: &Args) -> Result<f64> {
 
 /// VmRSS minus the guest memory (shared memfd pages) of a running VMM
 /// whose guest is up and connected, KiB.
-fn vmm_overhead_kib(vmm: &Path, kernel: &Path, args: &Args) -> Result<u64> {
+fn vmm_overhead_kib(vmm: &Path, guest: &Guest, args: &Args) -> Result<u64> {
     let mut t0 = 0;
-    let mut vm = spawn_vm(vmm, kernel, args, &mut t0)?;
+    let mut vm = spawn_vm(vmm, guest, args, &mut t0)?;
     vm.client.ping(0)?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id()))?;
     let field = |name: &str| -> u64 {
@@ -205,61 +219,76 @@ fn main() -> Result<()> {
             );
             std::process::exit(3);
         }
-        bail!("--kernel linux: booting the project's kernel on this VMM is not wired into the benchmark yet");
     }
     let vmm = env_path("WARREN_VMM")?;
-    let kernel = env_path("WARREN_PROBE")?;
+    let guest = match args.kernel {
+        KernelKind::Probe => Guest {
+            kernel: env_path("WARREN_PROBE")?,
+            initramfs: None,
+            cmdline: "",
+        },
+        KernelKind::Linux => Guest {
+            kernel: env_path("WARREN_KERNEL")?,
+            initramfs: Some(env_path("WARREN_INITRAMFS")?),
+            cmdline: LINUX_CMDLINE,
+        },
+    };
     // One unmeasured run warms the page cache for the binaries.
-    one_run(&vmm, &kernel, &args)?;
+    one_run(&vmm, &guest, &args)?;
     let runs = (0..args.runs)
-        .map(|_| one_run(&vmm, &kernel, &args))
+        .map(|_| one_run(&vmm, &guest, &args))
         .collect::<Result<Vec<_>>>()?;
-    let init = Summary::of(&runs.iter().map(|r| r.to_init_ms).collect::<Vec<_>>());
+    let stamps: Option<Vec<f64>> = runs.iter().map(|r| r.to_init_ms).collect();
+    let init = stamps.map(|s| Summary::of(&s));
     let ready = Summary::of(&runs.iter().map(|r| r.to_ready_ms).collect::<Vec<_>>());
     let cycle = Summary::of(&runs.iter().map(|r| r.cycle_ms).collect::<Vec<_>>());
-    let stub = (0..args.runs)
-        .map(|_| stub_cycle_ms(&vmm, &kernel, &args))
-        .collect::<Result<Vec<_>>>()?;
-    let stub = Summary::of(&stub);
-    let overhead = vmm_overhead_kib(&vmm, &kernel, &args)?;
+    let stub = match args.kernel {
+        KernelKind::Probe => Some(Summary::of(
+            &(0..args.runs)
+                .map(|_| stub_cycle_ms(&vmm, &guest.kernel, &args))
+                .collect::<Result<Vec<_>>>()?,
+        )),
+        KernelKind::Linux => None,
+    };
+    let overhead = vmm_overhead_kib(&vmm, &guest, &args)?;
     if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "runs": args.runs,
-                "kernel": "probe",
+                "kernel": match args.kernel { KernelKind::Probe => "probe", KernelKind::Linux => "linux" },
                 "vcpus": args.vcpus,
                 "mem_mib": args.mem,
-                "spawn_to_init_ms": init.json(),
+                "spawn_to_init_ms": init.map(|i| i.json()),
                 "spawn_to_ready_ms": ready.json(),
                 "cycle_ms": cycle.json(),
-                "stub_cycle_ms": stub.json(),
+                "stub_cycle_ms": stub.map(|s| s.json()),
                 "vmm_overhead_kib": overhead,
             })
         );
     } else {
+        let row = |label: &str, s: Option<Summary>| match s {
+            Some(s) => println!(
+                "  {label:<34}p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
+                s.p50, s.p90, s.p99, s.max
+            ),
+            None => println!("  {label:<34}not measured for this guest"),
+        };
+        let name = match args.kernel {
+            KernelKind::Probe => "probe guest",
+            KernelKind::Linux => "Linux guest",
+        };
         println!(
-            "coldstart: {} runs, probe guest, {} vCPU, {} MiB",
+            "coldstart: {} runs, {name}, {} vCPU, {} MiB",
             args.runs, args.vcpus, args.mem
         );
+        row("spawn -> first guest instruction", init);
+        row("spawn -> ready (hello over vsock)", Some(ready));
+        row("spawn -> process exit (cycle)", Some(cycle));
+        row("stub guest, spawn -> exit", stub);
         println!(
-            "  spawn -> first guest instruction  p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
-            init.p50, init.p90, init.p99, init.max
-        );
-        println!(
-            "  spawn -> process exit (cycle)     p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
-            cycle.p50, cycle.p90, cycle.p99, cycle.max
-        );
-        println!(
-            "  spawn -> ready (hello over vsock) p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
-            ready.p50, ready.p90, ready.p99, ready.max
-        );
-        println!(
-            "  stub guest, spawn -> exit         p50 {:.2} ms  p90 {:.2}  p99 {:.2}  max {:.2}",
-            stub.p50, stub.p90, stub.p99, stub.max
-        );
-        println!(
-            "  VMM memory overhead               {overhead} KiB ({:.2} MiB)",
+            "  {:<34}{overhead} KiB ({:.2} MiB)",
+            "VMM memory overhead",
             overhead as f64 / 1024.0
         );
     }
