@@ -211,14 +211,12 @@ fn main() -> Result<()> {
     if host.pvm && !host.hardware_virt {
         eprintln!("coldstart: warning: {}", host.describe());
     }
-    if args.kernel == KernelKind::Linux {
-        if !host.runs_linux_natively() {
-            eprintln!(
-                "coldstart: --kernel linux did not run: it needs hardware virtualization (VMX/SVM) and this host has {}",
-                host.describe()
-            );
-            std::process::exit(3);
-        }
+    if args.kernel == KernelKind::Linux && !host.runs_linux_natively() {
+        eprintln!(
+            "coldstart: --kernel linux did not run: it needs hardware virtualization (VMX/SVM) and this host has {}",
+            host.describe()
+        );
+        std::process::exit(3);
     }
     let vmm = env_path("WARREN_VMM")?;
     let guest = match args.kernel {
