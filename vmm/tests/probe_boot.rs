@@ -76,10 +76,20 @@ fn two_gib_guest_boots_and_scrubs_only_what_was_touched() {
 }
 
 #[test]
-fn two_vcpus_are_created_and_the_guest_boots() {
-    let out = boot(&["--vcpus", "2", "--boot-timer"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(exit_event(&out)["reason"], "guest_reset");
+fn every_vcpu_starts_and_runs_guest_code() {
+    for vcpus in [2u8, 4] {
+        let out = boot(&["--vcpus", &vcpus.to_string(), "--boot-timer"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ev = events(&out);
+        // The boot vCPU stamps 1; each secondary one, once the probe has
+        // started it through INIT/SIPI and it reached long mode, stamps 3.
+        let secondary = ev
+            .iter()
+            .filter(|e| e["event"] == "boot_timer" && e["value"] == 3)
+            .count();
+        assert_eq!(secondary, usize::from(vcpus) - 1, "{ev:?}");
+        assert_eq!(exit_event(&out)["reason"], "guest_reset");
+    }
 }
 
 #[test]
@@ -242,7 +252,7 @@ fn control_socket_pauses_resumes_reports_and_shuts_down() {
     assert_eq!(control(&sock, r#"{"op":"shutdown","timeout_ms":0}"#)["ok"], true);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    let exit: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let exit: Value = serde_json::from_str(&lines.last().unwrap().unwrap()).unwrap();
     assert_eq!(exit["reason"], "control_shutdown");
     assert!(!sock.exists(), "control socket left behind");
 }

@@ -3,7 +3,8 @@
 //! zero page — and speaks the guest protocol over virtio-vsock.
 //!
 //! Every instruction it executes is emulated on hosts whose KVM is PVM, so
-//! it does as little as it can. It stamps the boot timer on entry; then:
+//! it does as little as it can. It stamps the boot timer on entry, starts
+//! the other vCPUs (each stamps the timer with 3 and halts); then:
 //!
 //! - with a virtio-vsock device on its command line, it connects to the
 //!   host (CID 2, port 1024), says hello and serves requests until told to
@@ -26,6 +27,7 @@ mod interrupts;
 mod mem;
 mod memory;
 mod port;
+mod smp;
 mod virtio;
 mod vsock;
 
@@ -40,7 +42,7 @@ use warren_protocol::{
 };
 
 /// The VMM's boot-timer port.
-const BOOT_TIMER_PORT: u16 = 0x440;
+pub(crate) const BOOT_TIMER_PORT: u16 = 0x440;
 /// i8042 command port; 0xFE is "pulse the CPU reset line".
 const I8042_COMMAND_PORT: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
@@ -75,6 +77,7 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     // SAFETY: as above.
     unsafe { memory::init(zero_page) };
     let mode = bootparams::option(cmdline, b"probe.mode=");
+    smp::start_secondary_cpus();
     if mode == Some(b"halt") {
         halt_forever();
     }
@@ -171,12 +174,12 @@ fn serve(vsock: &mut vsock::Vsock) -> ! {
 }
 
 /// Ends the VM: reset through the i8042, then halt should that not work.
-fn power_off() -> ! {
+pub(crate) fn power_off() -> ! {
     port::outb(I8042_COMMAND_PORT, I8042_RESET);
     halt_forever()
 }
 
-fn halt_forever() -> ! {
+pub(crate) fn halt_forever() -> ! {
     loop {
         // SAFETY: halting the CPU is always memory safe.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
