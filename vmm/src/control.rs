@@ -8,19 +8,21 @@
 //! | `{"op":"pause"}` | `{"ok":true}` once every vCPU is parked |
 //! | `{"op":"resume"}` | `{"ok":true}` |
 //! | `{"op":"stats"}` | `{"ok":true,"stats":{…}}`: per-thread on-CPU ns, RSS, guest bytes touched |
-//! | `{"op":"shutdown","timeout_ms":N}` | `{"ok":true}`, then the VM ends |
+//! | `{"op":"shutdown","timeout_ms":N}` | `{"ok":true}`; the guest is asked to shut down, and the VM is ended after N ms if it has not (at once when it cannot be asked) |
 //!
 //! A malformed line gets `{"ok":false,"error":"…"}` and the connection
 //! stays open.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use warren_protocol::{encode_frame, HostFrame, Request, CONTROL_VSOCK_PORT};
 
 use crate::event::{ExitReason, VmEvent};
 use crate::memory::GuestRam;
@@ -84,6 +86,9 @@ pub struct Control {
     pub ram: Arc<GuestRam>,
     /// To end the VM.
     pub events: Sender<VmEvent>,
+    /// The VM's vsock socket, through which the guest is asked to shut
+    /// down (none: the VM can only be ended).
+    pub vsock_socket: Option<PathBuf>,
 }
 
 /// Serves `listener` on a thread of its own until the process exits.
@@ -148,16 +153,50 @@ pub fn handle(line: &str, ctl: &Control) -> Value {
             Err(e) => json!({"ok": false, "error": e}),
         },
         ControlRequest::Shutdown { timeout_ms } => {
-            // The guest cannot be asked yet (that needs the guest channel
-            // over vsock); the grace period is honoured, then the VM ends.
-            let events = ctl.events.clone();
+            let (events, vsock) = (ctl.events.clone(), ctl.vsock_socket.clone());
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(timeout_ms));
+                // Ask first; a guest that resets in time ends the VM
+                // itself, and the forced end below is never looked at.
+                let asked = match &vsock {
+                    Some(path) => match ask_guest_to_shut_down(path) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not ask the guest to shut down; forcing");
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if asked {
+                    std::thread::sleep(Duration::from_millis(timeout_ms));
+                }
                 let _ = events.send(VmEvent::Exit(ExitReason::ControlShutdown));
             });
             json!({"ok": true})
         }
     }
+}
+
+/// Connects to the guest's control port through the VM's own vsock socket
+/// and sends a shutdown request in the guest protocol.
+fn ask_guest_to_shut_down(vsock: &Path) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(vsock)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    writeln!(s, "CONNECT {CONTROL_VSOCK_PORT}")?;
+    let mut line = String::new();
+    BufReader::new(s.try_clone()?).read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(std::io::Error::other(format!(
+            "the guest does not listen on port {CONTROL_VSOCK_PORT}: {}",
+            line.trim()
+        )));
+    }
+    let frame = encode_frame(&HostFrame {
+        id: 1,
+        request: Request::Shutdown,
+    })
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&frame)
 }
 
 fn stats(ctl: &Control) -> Result<Stats, String> {
@@ -212,6 +251,7 @@ mod tests {
                 state: Arc::new(RunState::new(0)),
                 ram: Arc::new(GuestRam::new(16 << 20).unwrap()),
                 events: tx,
+                vsock_socket: None,
             },
             rx,
         )

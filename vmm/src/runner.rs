@@ -130,6 +130,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
                     state: state.clone(),
                     ram: ram.clone(),
                     events: events.clone(),
+                    vsock_socket: cfg.vsock_socket.clone(),
                 },
             )
             .map_err(|e| VmmError::Device(format!("control thread: {e}")))?;

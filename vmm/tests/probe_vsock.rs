@@ -38,6 +38,8 @@ fn boot(cmdline: &str) -> Vm {
         .arg(probe())
         .arg("--vsock-socket")
         .arg(&sock)
+        .arg("--control-socket")
+        .arg(dir.path().join("ctl.sock"))
         .args(["--cmdline", cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -226,4 +228,23 @@ fn a_guest_waiting_for_the_host_is_halted_not_spinning() {
     );
     vm.client.ping(2).unwrap();
     shutdown(vm);
+}
+
+#[test]
+fn control_shutdown_asks_the_guest_before_forcing() {
+    use std::io::{BufRead, Write};
+    let mut vm = boot("");
+    let ctl = vm._dir.path().join("ctl.sock");
+    let mut s = UnixStream::connect(&ctl).unwrap();
+    writeln!(s, r#"{{"op":"shutdown","timeout_ms":30000}}"#).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.contains("\"ok\":true"), "{line}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(vm.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(vm.child.wait().unwrap().success());
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    // The guest was asked over vsock and reset itself, long before the
+    // 30 s after which the VMM would have ended it (reason control_shutdown).
+    assert_eq!(report["reason"], "guest_reset", "{report}");
 }

@@ -121,10 +121,26 @@ fn error(id: Option<u64>, kind: ErrorKind, message: String) -> GuestFrame {
 
 fn serve(vsock: &mut vsock::Vsock) -> ! {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut control = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
         match vsock.recv() {
             vsock::Incoming::Closed => power_off(),
             vsock::Incoming::Data(bytes) => decoder.push(bytes),
+            vsock::Incoming::Control(bytes) => {
+                // The VMM asks on its own connection; the only request it
+                // makes is to shut down.
+                control.push(bytes);
+                while let Some(frame) = control.next_frame() {
+                    if let Ok(Ok(HostFrame {
+                        request: Request::Shutdown,
+                        ..
+                    })) = frame.map(|p| decode_host_frame(&p))
+                    {
+                        power_off();
+                    }
+                }
+                continue;
+            }
         }
         while let Some(frame) = decoder.next_frame() {
             let answer = match frame {

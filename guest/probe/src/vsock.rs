@@ -2,6 +2,8 @@
 
 use core::cell::UnsafeCell;
 
+use warren_protocol::CONTROL_VSOCK_PORT;
+
 use crate::virtio::{Device, Queue, Rings, QUEUE_SIZE};
 
 const VIRTIO_ID_VSOCK: u32 = 19;
@@ -55,8 +57,10 @@ static BUFFERS: Static = Static(UnsafeCell::new(Buffers {
 
 /// What arrived from the host.
 pub enum Incoming<'a> {
-    /// Stream data.
+    /// Stream data on the connection to the host's agent port.
     Data(&'a [u8]),
+    /// Stream data on the VMM's control connection.
+    Control(&'a [u8]),
     /// The host closed or refused the connection.
     Closed,
 }
@@ -217,6 +221,10 @@ impl Vsock {
             let slot = self.pending_rx.unwrap_or(0);
             let b = self.rx_buf(slot);
             match op {
+                op::RW if u32_at(b, 20) == CONTROL_VSOCK_PORT => {
+                    let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
+                    return Incoming::Control(&b[HDR_LEN..HDR_LEN + len]);
+                }
                 op::RW => {
                     let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(len as u32);
@@ -228,9 +236,14 @@ impl Vsock {
                 }
                 op::CREDIT_REQUEST => self.send(op::CREDIT_UPDATE, &[]),
                 op::REQUEST => {
-                    // The probe listens on no port: refuse.
+                    // The probe listens only on the control port.
                     let (src, dst) = (u32_at(b, 16), u32_at(b, 20));
-                    self.send_as(op::RST, dst, src, &[]);
+                    let answer = if dst == CONTROL_VSOCK_PORT {
+                        op::RESPONSE
+                    } else {
+                        op::RST
+                    };
+                    self.send_as(answer, dst, src, &[]);
                 }
                 op::RST | op::SHUTDOWN if u32_at(b, 20) == LOCAL_PORT => return Incoming::Closed,
                 _ => {}

@@ -37,6 +37,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// The vsock port on the host (CID 2) that guest-agent connects to.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The vsock port a guest listens on for the VMM's own requests: the VMM
+/// connects there to ask the guest to shut down before forcing it.
+pub const CONTROL_VSOCK_PORT: u32 = 1025;
+
 /// Largest data chunk carried by one output or file-data reply. Kept well
 /// under [`MAX_FRAME_LEN`] so the envelope always fits.
 pub const MAX_CHUNK: usize = 256 * 1024;
