@@ -35,7 +35,7 @@ pub struct VmConfig {
     /// Control socket path.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
-    /// Read-only disk image for virtio-blk (refused until the VMM has it).
+    /// Read-only disk image, attached as a virtio-blk device.
     #[serde(default)]
     pub disk: Option<PathBuf>,
     /// Emulate an 8250 UART on COM1, its output to the VMM's stderr.
@@ -188,12 +188,6 @@ impl VmConfig {
                 path: disk.clone(),
                 reason: e.to_string(),
             })?;
-            // Refused rather than ignored: a guest that expects its disk
-            // must not boot without one.
-            return Err(ConfigError::Disk {
-                path: disk.clone(),
-                reason: "this VMM has no virtio-blk device yet (it comes with the disk-image work)".into(),
-            });
         }
         if self.cmdline.len() + 1 > CMDLINE_MAX / 2 {
             return Err(ConfigError::Cmdline(format!(

@@ -46,7 +46,7 @@ struct Args {
     /// Control socket path.
     #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// Read-only disk image (refused: no virtio-blk yet).
+    /// Read-only disk image (virtio-blk).
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Emulate COM1, output to stderr.

@@ -17,6 +17,7 @@ use crate::control::{self, Control};
 use crate::devices::boot_timer::{BootTimer, Stamp, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -187,6 +188,8 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
 
 /// MMIO slot of the vsock device.
 const VSOCK_SLOT: u64 = 0;
+/// MMIO slot of the disk.
+const BLOCK_SLOT: u64 = 1;
 
 /// Base address and IRQ of virtio-mmio slot `n`.
 fn mmio_slot(n: u64) -> (u64, u32) {
@@ -196,35 +199,60 @@ fn mmio_slot(n: u64) -> (u64, u32) {
 /// `virtio_mmio.device=` entries announcing the devices to the guest.
 fn mmio_cmdline(cfg: &VmConfig) -> String {
     let mut s = String::new();
-    if cfg.vsock_socket.is_some() {
-        let (base, irq) = mmio_slot(VSOCK_SLOT);
-        s.push_str(&format!(
-            " virtio_mmio.device={}K@{base:#x}:{irq}",
-            VIRTIO_MMIO_SIZE >> 10
-        ));
+    for (present, slot) in [
+        (cfg.vsock_socket.is_some(), VSOCK_SLOT),
+        (cfg.disk.is_some(), BLOCK_SLOT),
+    ] {
+        if present {
+            let (base, irq) = mmio_slot(slot);
+            s.push_str(&format!(
+                " virtio_mmio.device={}K@{base:#x}:{irq}",
+                VIRTIO_MMIO_SIZE >> 10
+            ));
+        }
     }
     s
+}
+
+/// Puts `device` on the MMIO bus at `slot`: irqfd for its interrupt, one
+/// ioeventfd per queue on its notify register.
+fn attach(
+    bus: &mut Bus,
+    vm: &kvm_ioctls::VmFd,
+    ram: &GuestRam,
+    slot: u64,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(), VmmError> {
+    let name = match device.device_type() {
+        crate::devices::virtio::vsock::VIRTIO_ID_VSOCK => "vsock",
+        _ => "virtio-blk",
+    };
+    let dev = |what: &str, e: &dyn std::fmt::Display| VmmError::Device(format!("{name} {what}: {e}"));
+    let (base, irq) = mmio_slot(slot);
+    let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
+    vm.register_irqfd(&irqfd, irq).map_err(|e| dev("irqfd", &e))?;
+    let mut events = Vec::new();
+    for q in 0..device.queue_max_sizes().len() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
+        vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
+            .map_err(|e| dev("ioeventfd", &e))?;
+        events.push(evt);
+    }
+    let transport = MmioTransport::new(device, ram.mem.clone(), events, irqfd).map_err(|e| dev("transport", &e))?;
+    bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))
+        .map_err(|e| dev("bus", &e))
 }
 
 fn mmio_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<Bus, VmmError> {
     let mut bus = Bus::new();
     if let Some(path) = &cfg.vsock_socket {
-        let dev = |what: &str, e: &dyn std::fmt::Display| VmmError::Device(format!("vsock {what}: {e}"));
-        let (base, irq) = mmio_slot(VSOCK_SLOT);
-        let vsock = Vsock::new(path.clone()).map_err(|e| dev(&format!("socket {}", path.display()), &e))?;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
-        vm.register_irqfd(&irqfd, irq).map_err(|e| dev("irqfd", &e))?;
-        let mut events = Vec::new();
-        for q in 0..vsock.queue_max_sizes().len() {
-            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev("eventfd", &e))?;
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY), q as u32)
-                .map_err(|e| dev("ioeventfd", &e))?;
-            events.push(evt);
-        }
-        let transport =
-            MmioTransport::new(Box::new(vsock), ram.mem.clone(), events, irqfd).map_err(|e| dev("transport", &e))?;
-        bus.insert(base, VIRTIO_MMIO_SIZE, Arc::new(Mutex::new(transport)))
-            .map_err(|e| dev("bus", &e))?;
+        let vsock =
+            Vsock::new(path.clone()).map_err(|e| VmmError::Device(format!("vsock socket {}: {e}", path.display())))?;
+        attach(&mut bus, vm, ram, VSOCK_SLOT, Box::new(vsock))?;
+    }
+    if let Some(path) = &cfg.disk {
+        let disk = Block::new(path).map_err(|e| VmmError::Device(format!("disk {}: {e}", path.display())))?;
+        attach(&mut bus, vm, ram, BLOCK_SLOT, Box::new(disk))?;
     }
     Ok(bus)
 }

@@ -199,8 +199,10 @@ fn bad_inputs_are_refused_with_a_clear_error() {
         &["--kernel", probe, "--control-socket", &d("ctl.sock")],
         "already exists",
     );
-    std::fs::write(d("disk.img"), [0u8; 512]).unwrap();
-    refused(&["--kernel", probe, "--disk", &d("disk.img")], "no virtio-blk");
+    refused(
+        &["--kernel", probe, "--disk", &d("no-such-disk.img")],
+        "no-such-disk.img",
+    );
     std::fs::write(d("bad.json"), "{\"kernel\": 5}").unwrap();
     refused(&["--config", &d("bad.json")], "bad.json");
 }

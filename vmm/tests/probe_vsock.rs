@@ -28,6 +28,10 @@ impl Drop for Vm {
 }
 
 fn boot(cmdline: &str) -> Vm {
+    boot_with(cmdline, &[])
+}
+
+fn boot_with(cmdline: &str, extra: &[&std::ffi::OsStr]) -> Vm {
     warren_e2e::artifacts::require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("v.sock");
@@ -41,6 +45,7 @@ fn boot(cmdline: &str) -> Vm {
         .arg("--control-socket")
         .arg(dir.path().join("ctl.sock"))
         .args(["--cmdline", cmdline])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -247,4 +252,59 @@ fn control_shutdown_asks_the_guest_before_forcing() {
     // The guest was asked over vsock and reset itself, long before the
     // 30 s after which the VMM would have ended it (reason control_shutdown).
     assert_eq!(report["reason"], "guest_reset", "{report}");
+}
+
+#[test]
+fn probe_reads_disk_sectors_through_virtio_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let bytes: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(7).wrapping_add(3) % 251) as u8)
+        .collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let sum_of = |from: usize, len: usize| -> u64 {
+        bytes[from..from + len]
+            .chunks_exact(8)
+            .fold(0u64, |a, w| a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap())))
+    };
+    let mut vm = boot_with("", &[std::ffi::OsStr::new("--disk"), disk.as_os_str()]);
+    // 20 sectors from sector 10: three requests of up to 8 sectors.
+    let got = vm.client.call(Request::ReadDisk { sector: 10, count: 20 }).unwrap();
+    assert_eq!(got, Reply::Checksum(sum_of(10 * 512, 20 * 512)));
+    // The last sector is readable; one past the end is an I/O error, and
+    // the VM goes on.
+    let last = vm.client.call(Request::ReadDisk { sector: 2047, count: 1 }).unwrap();
+    assert_eq!(last, Reply::Checksum(sum_of(2047 * 512, 512)));
+    let id = vm.client.send(Request::ReadDisk { sector: 2047, count: 2 }).unwrap();
+    match vm.client.next_reply(id) {
+        Err(warren_protocol::client::ClientError::Guest(e)) => {
+            assert_eq!(e.kind, warren_protocol::ErrorKind::Io);
+            assert!(e.message.contains("status 1"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let id = vm
+        .client
+        .send(Request::ReadDisk {
+            sector: u64::MAX / 256,
+            count: 1,
+        })
+        .unwrap();
+    assert!(matches!(
+        vm.client.next_reply(id),
+        Err(warren_protocol::client::ClientError::Guest(_))
+    ));
+    vm.client.ping(3).unwrap();
+    shutdown(vm);
+}
+
+#[test]
+fn a_vm_without_a_disk_says_so() {
+    let mut vm = boot("");
+    let id = vm.client.send(Request::ReadDisk { sector: 0, count: 1 }).unwrap();
+    match vm.client.next_reply(id) {
+        Err(warren_protocol::client::ClientError::Guest(e)) => assert_eq!(e.kind, warren_protocol::ErrorKind::NotFound),
+        other => panic!("{other:?}"),
+    }
+    shutdown(vm);
 }

@@ -86,7 +86,10 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox) -> bool {
             let (agent, out) = (agent.clone(), out.clone());
             spawn_handler(move || exec::run(&agent.reaper, &agent.running, id, req, &out));
         }
-        Request::BurnCpu { .. } | Request::TouchMemory { .. } | Request::ChecksumMemory { .. } => {
+        Request::BurnCpu { .. }
+        | Request::TouchMemory { .. }
+        | Request::ChecksumMemory { .. }
+        | Request::ReadDisk { .. } => {
             out.error(
                 Some(id),
                 ErrorKind::InvalidRequest,

@@ -38,10 +38,16 @@ pub fn option<'a>(cmdline: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     cmdline.split(|&b| b == b' ').find_map(|w| w.strip_prefix(key))
 }
 
-/// Base address and IRQ of the first `virtio_mmio.device=<size>@<addr>:<irq>`
-/// on the command line.
-pub fn virtio_mmio_device(cmdline: &[u8]) -> Option<(usize, u8)> {
-    let spec = option(cmdline, b"virtio_mmio.device=")?;
+/// Base address and IRQ of every `virtio_mmio.device=<size>@<addr>:<irq>`
+/// on the command line (malformed entries are skipped).
+pub fn virtio_mmio_devices(cmdline: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
+    cmdline
+        .split(|&b| b == b' ')
+        .filter_map(|w| w.strip_prefix(b"virtio_mmio.device="))
+        .filter_map(parse_virtio_mmio)
+}
+
+fn parse_virtio_mmio(spec: &[u8]) -> Option<(usize, u8)> {
     let at = spec.iter().position(|&b| b == b'@')?;
     let rest = &spec[at + 1..];
     let colon = rest.iter().position(|&b| b == b':')?;

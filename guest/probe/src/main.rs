@@ -20,6 +20,7 @@
 
 extern crate alloc;
 
+mod block;
 mod bootparams;
 mod clock;
 mod heap;
@@ -81,10 +82,20 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     if mode == Some(b"halt") {
         halt_forever();
     }
-    let Some((base, irq)) = bootparams::virtio_mmio_device(cmdline) else {
-        power_off();
-    };
-    let Some(mut vsock) = vsock::Vsock::init(base, mode == Some(b"hostile")) else {
+    let mut vsock_dev = None;
+    let mut disk = None;
+    for (base, irq) in bootparams::virtio_mmio_devices(cmdline) {
+        if vsock_dev.is_none() {
+            if let Some(v) = vsock::Vsock::init(base, mode == Some(b"hostile")) {
+                vsock_dev = Some((v, irq));
+                continue;
+            }
+        }
+        if disk.is_none() {
+            disk = block::Block::init(base);
+        }
+    }
+    let Some((mut vsock, irq)) = vsock_dev else {
         power_off();
     };
     if !vsock.connect(AGENT_VSOCK_PORT) {
@@ -102,7 +113,7 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     // Interrupts are only needed to sleep between requests: set them up
     // after the hello, off the boot path.
     interrupts::init(irq);
-    serve(&mut vsock)
+    serve(&mut vsock, disk)
 }
 
 fn send(vsock: &mut vsock::Vsock, frame: &GuestFrame) {
@@ -119,7 +130,7 @@ fn error(id: Option<u64>, kind: ErrorKind, message: String) -> GuestFrame {
     }
 }
 
-fn serve(vsock: &mut vsock::Vsock) -> ! {
+fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut control = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
@@ -175,6 +186,16 @@ fn serve(vsock: &mut vsock::Vsock) -> ! {
                                 reply: Reply::Checksum(sum),
                             },
                             Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                        },
+                        Request::ReadDisk { sector, count } => match disk.as_mut() {
+                            None => error(Some(id), ErrorKind::NotFound, "this VM has no disk".into()),
+                            Some(d) => match d.checksum(sector, count) {
+                                Ok(sum) => GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::Checksum(sum),
+                                },
+                                Err(msg) => error(Some(id), ErrorKind::Io, msg),
+                            },
                         },
                         other => error(
                             Some(id),

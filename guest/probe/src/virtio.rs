@@ -30,6 +30,7 @@ const STATUS_ACK: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
+const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
 /// One split virtqueue's rings, in one page.
@@ -215,6 +216,28 @@ impl Queue {
             };
             let idx = read_volatile(&r.avail_idx);
             write_volatile(&mut r.avail_ring[(idx % QUEUE_SIZE) as usize], slot);
+            fence(Ordering::SeqCst);
+            write_volatile(&mut r.avail_idx, idx.wrapping_add(1));
+        }
+    }
+
+    /// Offers a chain of (address, length, device-writes) buffers, from
+    /// descriptor 0 on.
+    pub fn offer_chain(&mut self, bufs: &[(u64, u32, bool)]) {
+        // SAFETY: as for `offer`.
+        unsafe {
+            let r = &mut *self.rings;
+            for (i, &(addr, len, device_writes)) in bufs.iter().enumerate() {
+                let last = i + 1 == bufs.len();
+                r.desc[i] = Desc {
+                    addr,
+                    len,
+                    flags: if device_writes { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
+                    next: if last { 0 } else { i as u16 + 1 },
+                };
+            }
+            let idx = read_volatile(&r.avail_idx);
+            write_volatile(&mut r.avail_ring[(idx % QUEUE_SIZE) as usize], 0);
             fence(Ordering::SeqCst);
             write_volatile(&mut r.avail_idx, idx.wrapping_add(1));
         }

@@ -168,6 +168,7 @@ mod tests {
                 offset: 0x100000,
                 len: 4096,
             },
+            Request::ReadDisk { sector: 7, count: 8 },
         ]
     }
 
@@ -257,7 +258,7 @@ mod tests {
         // check would misclassify frames.
         let last = encode_frame(&HostFrame {
             id: 0,
-            request: Request::ChecksumMemory { offset: 0, len: 0 },
+            request: Request::ReadDisk { sector: 0, count: 0 },
         })
         .unwrap();
         // id 0 is one varint byte; the tag follows.

@@ -97,12 +97,21 @@ pub enum Request {
         /// Bytes (a multiple of 8).
         len: u64,
     },
+    /// Probe guest: read `count` 512-byte sectors from `sector` of its
+    /// virtio-blk disk; answered with [`Reply::Checksum`] of the bytes as
+    /// 64-bit little-endian words.
+    ReadDisk {
+        /// First sector.
+        sector: u64,
+        /// Sectors to read.
+        count: u32,
+    },
 }
 
 impl Request {
     /// Number of variants this build knows. A frame naming a variant index
     /// at or above it is an unknown request, not a malformed one.
-    pub const VARIANTS: u32 = 11;
+    pub const VARIANTS: u32 = 12;
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
@@ -118,6 +127,7 @@ impl Request {
             Request::BurnCpu { .. } => "burn_cpu",
             Request::TouchMemory { .. } => "touch_memory",
             Request::ChecksumMemory { .. } => "checksum_memory",
+            Request::ReadDisk { .. } => "read_disk",
         }
     }
 }

@@ -6,6 +6,7 @@
 //! writes the queue's notify register (ioeventfd), so notifications never
 //! stop a vCPU.
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 
