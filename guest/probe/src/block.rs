@@ -7,8 +7,10 @@ use core::cell::UnsafeCell;
 
 use crate::virtio::{Device, Queue, Rings};
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-const SECTOR: usize = 512;
+use warren_virtio_spec::block::{SECTOR as SECTOR_BYTES, T_IN};
+use warren_virtio_spec::device_id::BLOCK as VIRTIO_ID_BLOCK;
+
+const SECTOR: usize = SECTOR_BYTES as usize;
 /// Sectors per request: one page of data.
 const CHUNK_SECTORS: usize = 8;
 
@@ -64,7 +66,7 @@ impl Block {
             // out, which `submit` waits for.
             unsafe {
                 let hdr = &mut (*bufs).header;
-                hdr[..4].copy_from_slice(&0u32.to_le_bytes()); // VIRTIO_BLK_T_IN
+                hdr[..4].copy_from_slice(&T_IN.to_le_bytes());
                 hdr[4..8].copy_from_slice(&0u32.to_le_bytes());
                 hdr[8..16].copy_from_slice(&(sector + done).to_le_bytes());
                 (*bufs).status[0] = 0xff;

@@ -7,31 +7,32 @@ use core::sync::atomic::{fence, Ordering};
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 8;
 
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_INTERRUPT_STATUS: usize = 0x060;
-const REG_INTERRUPT_ACK: usize = 0x064;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC: usize = 0x080;
-const REG_QUEUE_DRIVER: usize = 0x090;
-const REG_QUEUE_DEVICE: usize = 0x0a0;
+use warren_virtio_spec::desc::{F_NEXT as DESC_F_NEXT, F_WRITE as DESC_F_WRITE};
+use warren_virtio_spec::mmio;
+use warren_virtio_spec::status::{
+    ACKNOWLEDGE as STATUS_ACK, DRIVER as STATUS_DRIVER, DRIVER_OK as STATUS_DRIVER_OK,
+    FEATURES_OK as STATUS_FEATURES_OK,
+};
 
-const STATUS_ACK: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
+// Register offsets as addresses relative to the device's base.
+const REG_MAGIC: usize = mmio::REG_MAGIC as usize;
+const REG_VERSION: usize = mmio::REG_VERSION as usize;
+const REG_DEVICE_ID: usize = mmio::REG_DEVICE_ID as usize;
+const REG_DEVICE_FEATURES: usize = mmio::REG_DEVICE_FEATURES as usize;
+const REG_DEVICE_FEATURES_SEL: usize = mmio::REG_DEVICE_FEATURES_SEL as usize;
+const REG_DRIVER_FEATURES: usize = mmio::REG_DRIVER_FEATURES as usize;
+const REG_DRIVER_FEATURES_SEL: usize = mmio::REG_DRIVER_FEATURES_SEL as usize;
+const REG_QUEUE_SEL: usize = mmio::REG_QUEUE_SEL as usize;
+const REG_QUEUE_NUM_MAX: usize = mmio::REG_QUEUE_NUM_MAX as usize;
+const REG_QUEUE_NUM: usize = mmio::REG_QUEUE_NUM as usize;
+const REG_QUEUE_READY: usize = mmio::REG_QUEUE_READY as usize;
+const REG_QUEUE_NOTIFY: usize = mmio::REG_QUEUE_NOTIFY as usize;
+const REG_INTERRUPT_STATUS: usize = mmio::REG_INTERRUPT_STATUS as usize;
+const REG_INTERRUPT_ACK: usize = mmio::REG_INTERRUPT_ACK as usize;
+const REG_STATUS: usize = mmio::REG_STATUS as usize;
+const REG_QUEUE_DESC: usize = mmio::REG_QUEUE_DESC_LOW as usize;
+const REG_QUEUE_DRIVER: usize = mmio::REG_QUEUE_DRIVER_LOW as usize;
+const REG_QUEUE_DEVICE: usize = mmio::REG_QUEUE_DEVICE_LOW as usize;
 
 /// One split virtqueue's rings, in one page.
 #[repr(C, align(4096))]
@@ -114,7 +115,7 @@ impl Device {
     /// device of type `device_id`.
     pub fn probe(base: usize, device_id: u32) -> Option<Device> {
         let d = Device { base };
-        (d.read(REG_MAGIC) == 0x7472_6976 && d.read(REG_VERSION) == 2 && d.read(REG_DEVICE_ID) == device_id)
+        (d.read(REG_MAGIC) == mmio::MAGIC && d.read(REG_VERSION) == mmio::VERSION && d.read(REG_DEVICE_ID) == device_id)
             .then_some(d)
     }
 
@@ -161,7 +162,7 @@ impl Device {
 
     /// A 32-bit word of the device's configuration space.
     pub fn config_u32(&self, offset: usize) -> u32 {
-        self.read(0x100 + offset)
+        self.read(mmio::CONFIG_SPACE as usize + offset)
     }
 
     /// Acknowledges whatever the device signalled.

@@ -6,34 +6,15 @@ use warren_protocol::CONTROL_VSOCK_PORT;
 
 use crate::virtio::{Device, Queue, Rings, QUEUE_SIZE};
 
-const VIRTIO_ID_VSOCK: u32 = 19;
-const HOST_CID: u64 = 2;
-const HDR_LEN: usize = 44;
+use warren_virtio_spec::device_id::VSOCK as VIRTIO_ID_VSOCK;
+use warren_virtio_spec::vsock::{op, HDR_LEN, HOST_CID, TYPE_STREAM};
+
 const RX_BUFFERS: usize = 4;
 const BUF_LEN: usize = 4096 + HDR_LEN;
 /// Receive space advertised to the host.
 const BUF_ALLOC: u32 = (RX_BUFFERS * 4096) as u32;
-const TYPE_STREAM: u16 = 1;
 /// The probe's own port.
 const LOCAL_PORT: u32 = 0x5052_4f42; // "PROB"
-
-/// Packet operations (virtio 1.2, 5.10.6).
-pub mod op {
-    /// Connect.
-    pub const REQUEST: u16 = 1;
-    /// Accepted.
-    pub const RESPONSE: u16 = 2;
-    /// Refused or reset.
-    pub const RST: u16 = 3;
-    /// Closed.
-    pub const SHUTDOWN: u16 = 4;
-    /// Data.
-    pub const RW: u16 = 5;
-    /// Credit report.
-    pub const CREDIT_UPDATE: u16 = 6;
-    /// Credit query.
-    pub const CREDIT_REQUEST: u16 = 7;
-}
 
 #[repr(C, align(4096))]
 struct Buffers {

@@ -18,22 +18,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{read_config_bytes, Activation, Interrupt, VirtioDevice};
 
-/// Virtio device id of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-const SECTOR: u64 = 512;
-const QUEUE_SIZES: [u16; 1] = [256];
-const REQ_HEADER: usize = 16;
+use warren_virtio_spec::block::*;
 
-/// Request types.
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-/// Status codes.
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+/// Virtio device id of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = warren_virtio_spec::device_id::BLOCK;
+const QUEUE_SIZES: [u16; 1] = [256];
 /// Largest single request served (bytes).
 const MAX_REQUEST: usize = 1 << 20;
 const DISK_ID: &[u8; 20] = b"warren-disk\0\0\0\0\0\0\0\0\0";
@@ -69,7 +58,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_BLK_F_RO
+        F_RO
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -16,36 +16,11 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{status, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 
-const MAGIC: u32 = 0x7472_6976; // "virt"
-const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x4e52_5257; // "WRRN"
 
-// Register offsets.
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
 /// Offset of QueueNotify, where the ioeventfds are registered.
-pub const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG_SPACE: u64 = 0x100;
+pub use warren_virtio_spec::mmio::REG_QUEUE_NOTIFY;
+use warren_virtio_spec::mmio::*;
 
 /// One device on the MMIO bus.
 pub struct MmioTransport {

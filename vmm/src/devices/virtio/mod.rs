@@ -18,23 +18,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: the device speaks virtio 1.x (required over MMIO v2).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use warren_virtio_spec::F_VERSION_1 as VIRTIO_F_VERSION_1;
 
 /// Device status bits (virtio 1.2, 2.1).
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready; the device may run.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is done.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error the driver must reset it for.
-    pub const NEEDS_RESET: u32 = 64;
-    /// The driver gave up on the device.
-    pub const FAILED: u32 = 128;
-}
+pub use warren_virtio_spec::status;
 
 /// Raises the device's interrupt: sets the cause in the transport's
 /// InterruptStatus and signals the irqfd.

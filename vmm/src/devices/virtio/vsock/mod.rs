@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use super::{read_config_bytes, Activation, VirtioDevice};
 
 /// Virtio device id of vsock.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub const VIRTIO_ID_VSOCK: u32 = warren_virtio_spec::device_id::VSOCK;
 /// The host's context id.
-pub const HOST_CID: u64 = 2;
+pub use warren_virtio_spec::vsock::HOST_CID;
 /// The CID every guest gets (each VM has its own device, so they never
 /// meet).
 pub const GUEST_CID: u64 = 3;

@@ -1,29 +1,9 @@
 //! The virtio-vsock packet header (virtio 1.2, 5.10.6), parsed defensively.
 
-/// Size of the header on the wire.
-pub const HDR_LEN: usize = 44;
+pub use warren_virtio_spec::vsock::{op, HDR_LEN, TYPE_STREAM};
+
 /// Largest payload accepted in one packet from the guest.
 pub const MAX_PAYLOAD: u32 = 64 * 1024;
-/// The only socket type: stream.
-pub const TYPE_STREAM: u16 = 1;
-
-/// Packet operations.
-pub mod op {
-    /// Connect.
-    pub const REQUEST: u16 = 1;
-    /// Connection accepted.
-    pub const RESPONSE: u16 = 2;
-    /// Connection refused or reset.
-    pub const RST: u16 = 3;
-    /// No more data in one or both directions.
-    pub const SHUTDOWN: u16 = 4;
-    /// Data.
-    pub const RW: u16 = 5;
-    /// Here is my credit.
-    pub const CREDIT_UPDATE: u16 = 6;
-    /// Tell me your credit.
-    pub const CREDIT_REQUEST: u16 = 7;
-}
 
 /// A packet header.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
