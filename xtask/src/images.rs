@@ -15,18 +15,17 @@ const BUSYBOX: &str = "/bin/busybox";
 
 /// Builds guest-agent as a static binary; returns its path.
 pub fn build_guest_agent() -> Result<PathBuf> {
-    let root = sh::workspace_root();
     eprintln!("xtask: building guest-agent (static, release)");
-    sh::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .args(["build", "--release", "--quiet", "-p", "guest-agent", "--target", TARGET]),
-    )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target_dir.join(TARGET).join("release/guest-agent");
+    sh::run(sh::cargo().env("RUSTFLAGS", "-C target-feature=+crt-static").args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "guest-agent",
+        "--target",
+        TARGET,
+    ]))?;
+    let bin = sh::target_dir().join(TARGET).join("release/guest-agent");
     if !sh::is_static_elf(&bin)? {
         bail!("{} is dynamically linked; the initramfs has no loader", bin.display());
     }

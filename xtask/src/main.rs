@@ -15,8 +15,6 @@ mod run;
 mod sh;
 mod test;
 
-use std::process::Command;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use warren_images::Cache;
@@ -86,13 +84,7 @@ fn main() -> Result<()> {
 /// Benchmarks live in `benches/` as binaries; build what they boot, then
 /// run the binary in release mode.
 pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
-    let root = sh::workspace_root();
-    let cargo = || {
-        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.current_dir(&root);
-        c
-    };
-    let mut cmd = cargo();
+    let mut cmd = sh::cargo();
     match name {
         "kernel-boot" => {
             packages::ensure(packages::TESTS)?;
@@ -100,12 +92,8 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                 .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);
         }
         "coldstart" => {
-            sh::run(cargo().args(["build", "--release", "--quiet", "-p", "vmm"]))?;
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            cmd.env("WARREN_PROBE", probe::build()?)
-                .env("WARREN_VMM", target.join("release/vmm"));
+            cmd.env("WARREN_VMM", sh::build_vmm_release()?)
+                .env("WARREN_PROBE", probe::build()?);
             if args.iter().any(|a| a == "linux" || a == "--kernel=linux") {
                 cmd.env("WARREN_KERNEL", kernel::build(cache)?)
                     .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);

@@ -14,7 +14,7 @@ pub fn dir() -> PathBuf {
 }
 
 fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut c = sh::cargo();
     c.current_dir(dir());
     c
 }

@@ -13,6 +13,26 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo` (the one running xtask, when known), in the workspace root.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+/// Where cargo puts build output: `$CARGO_TARGET_DIR` or `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds the `vmm` binary in release mode; returns its path.
+pub fn build_vmm_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--quiet", "-p", "vmm"]))?;
+    Ok(target_dir().join("release/vmm"))
+}
+
 /// Describes a command for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

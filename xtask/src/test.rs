@@ -1,7 +1,6 @@
 //! `cargo xtask test`: lint, build what the tests boot, run every test.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::Result;
 use warren_images::Cache;
@@ -19,12 +18,6 @@ pub struct TestArgs {
     pub runner_args: Vec<String>,
 }
 
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(sh::workspace_root());
-    c
-}
-
 /// Runs the whole suite.
 pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     let host = vmm::host::HostVirt::detect();
@@ -38,9 +31,9 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     packages::ensure(packages::TESTS)?;
     if !args.no_lint {
         eprintln!("xtask: cargo fmt --check");
-        sh::run(cargo().args(["fmt", "--all", "--check"]))?;
+        sh::run(sh::cargo().args(["fmt", "--all", "--check"]))?;
         eprintln!("xtask: cargo clippy --all-targets -- -D warnings");
-        sh::run(cargo().args([
+        sh::run(sh::cargo().args([
             "clippy",
             "--workspace",
             "--all-targets",
@@ -55,7 +48,7 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
     eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
-    sh::run(cargo().args(["build", "--quiet", "-p", "warren-protocol", "--no-default-features"]))?;
+    sh::run(sh::cargo().args(["build", "--quiet", "-p", "warren-protocol", "--no-default-features"]))?;
     run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)?;
     if args.runner_args.is_empty() {
         eprintln!("xtask: cold-start benchmark smoke test (3 runs)");
@@ -65,12 +58,12 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
 }
 
 fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, extra: &[String]) -> Result<()> {
-    let nextest = cargo()
+    let nextest = sh::cargo()
         .args(["nextest", "--version"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    let mut cmd = cargo();
+    let mut cmd = sh::cargo();
     if nextest {
         cmd.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
