@@ -109,8 +109,10 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         Ok((entry, vcpus, pio))
     })?;
     tracing::debug!(entry, "guest loaded");
-    let mmio = mmio_bus(cfg, &vm, &ram)?;
+    // Guards first: a socket bound by a step that fails later is removed
+    // too (validation made sure neither path existed before).
     let _vsock_socket = cfg.vsock_socket.clone().map(RemoveOnDrop);
+    let mmio = mmio_bus(cfg, &vm, &ram)?;
 
     // SAFETY: the handler does nothing; its only effect is to make
     // KVM_RUN return EINTR in the thread it is delivered to.
@@ -125,6 +127,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         Some(path) => {
             let listener = UnixListener::bind(path)
                 .map_err(|e| VmmError::Device(format!("control socket {}: {e}", path.display())))?;
+            let guard = RemoveOnDrop(path.clone());
             control::spawn(
                 listener,
                 Control {
@@ -135,7 +138,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
                 },
             )
             .map_err(|e| VmmError::Device(format!("control thread: {e}")))?;
-            Some(RemoveOnDrop(path.clone()))
+            Some(guard)
         }
         None => None,
     };
