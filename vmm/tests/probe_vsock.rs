@@ -1,78 +1,41 @@
 //! The probe guest over virtio-vsock on real KVM: hello, pings, hostile
 //! register writes and descriptors, many VMs at once. Needs /dev/kvm.
 
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use warren_protocol::client::AgentClient;
-use warren_protocol::{Reply, Request, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use warren_e2e::vmm::VmmGuest;
+use warren_protocol::{Reply, Request, PROTOCOL_VERSION};
 
 fn probe() -> PathBuf {
     warren_e2e::artifacts::probe().unwrap_or_else(|e| panic!("{e}"))
 }
 
-struct Vm {
-    child: Child,
-    client: AgentClient<UnixStream, UnixStream>,
-    spawn_to_hello: Duration,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Vm = VmmGuest;
 
 fn boot(cmdline: &str) -> Vm {
     boot_with(cmdline, &[])
 }
 
-fn boot_with(cmdline: &str, extra: &[&std::ffi::OsStr]) -> Vm {
+/// The probe with vsock and a control socket (`<dir>/ctl.sock`).
+fn boot_with(cmdline: &str, extra: &[&OsStr]) -> Vm {
     warren_e2e::artifacts::require_kvm();
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("v.sock");
-    let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display())).unwrap();
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .arg("--kernel")
-        .arg(probe())
-        .arg("--vsock-socket")
-        .arg(&sock)
-        .arg("--control-socket")
-        .arg(dir.path().join("ctl.sock"))
-        .args(["--cmdline", cmdline])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stream = warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(60))
-        .unwrap_or_else(|e| {
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
-            panic!("{e}: {err}")
-        });
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
-    Vm {
-        spawn_to_hello: started.elapsed(),
-        child,
-        client,
-        _dir: dir,
-    }
+    let probe = probe();
+    VmmGuest::boot(Path::new(env!("CARGO_BIN_EXE_vmm")), Duration::from_secs(60), |dir| {
+        let mut a: Vec<OsString> = vec!["--kernel".into(), probe.into(), "--control-socket".into()];
+        a.push(dir.join("ctl.sock").into());
+        a.extend(["--cmdline".into(), cmdline.into()]);
+        a.extend(extra.iter().map(|e| e.to_os_string()));
+        a
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Shuts the guest down; returns the VMM's exit report.
 fn shutdown(mut vm: Vm) -> serde_json::Value {
-    vm.client.shutdown().unwrap();
-    let mut out = String::new();
-    std::io::Read::read_to_string(vm.child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    let st = vm.child.wait().unwrap();
+    let (st, out) = vm.shutdown().unwrap();
     assert!(st.success(), "vmm exited with {st}");
     serde_json::from_str(out.lines().last().expect("an exit report")).unwrap()
 }
@@ -163,7 +126,7 @@ fn probe_says_hello_over_vsock_and_answers_pings() {
     assert_eq!(h.protocol_version, PROTOCOL_VERSION);
     assert!(h.agent.starts_with("warren-probe"), "{}", h.agent);
     assert_eq!(h.boot_stamps.len(), 2);
-    eprintln!("spawn -> hello over vsock: {:?}", vm.spawn_to_hello);
+    eprintln!("spawn -> hello over vsock: {:?}", vm.spawn_to_hello());
     let t = Instant::now();
     for nonce in 0..50 {
         vm.client.ping(nonce).unwrap();
@@ -190,7 +153,7 @@ fn garbage_in_registers_and_bad_descriptors_do_not_kill_the_vmm() {
 #[test]
 fn host_initiated_connection_to_an_unbound_guest_port_is_refused() {
     let vm = boot("");
-    let sock = vm._dir.path().join("v.sock");
+    let sock = vm.vsock_socket();
     let mut s = UnixStream::connect(&sock).unwrap();
     std::io::Write::write_all(&mut s, b"CONNECT 4242\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -239,15 +202,14 @@ fn a_guest_waiting_for_the_host_is_halted_not_spinning() {
 fn control_shutdown_asks_the_guest_before_forcing() {
     use std::io::{BufRead, Write};
     let mut vm = boot("");
-    let ctl = vm._dir.path().join("ctl.sock");
+    let ctl = vm.dir().join("ctl.sock");
     let mut s = UnixStream::connect(&ctl).unwrap();
     writeln!(s, r#"{{"op":"shutdown","timeout_ms":30000}}"#).unwrap();
     let mut line = String::new();
     std::io::BufReader::new(s).read_line(&mut line).unwrap();
     assert!(line.contains("\"ok\":true"), "{line}");
-    let mut out = String::new();
-    std::io::Read::read_to_string(vm.child.stdout.as_mut().unwrap(), &mut out).unwrap();
-    assert!(vm.child.wait().unwrap().success());
+    let (st, out) = vm.wait().unwrap();
+    assert!(st.success(), "{st}");
     let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     // The guest was asked over vsock and reset itself, long before the
     // 30 s after which the VMM would have ended it (reason control_shutdown).

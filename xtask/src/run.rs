@@ -7,15 +7,12 @@
 //! the probe guest on Warren's own VMM on KVM and talks to it over vsock.
 
 use std::io::Write;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use warren_e2e::qemu::{QemuGuest, QemuOptions};
+use warren_e2e::vmm::VmmGuest;
 use warren_images::Cache;
-use warren_protocol::client::AgentClient;
 use warren_protocol::{ExecRequest, Stream};
 
 use crate::{images, kernel, packages, probe, sh};
@@ -80,50 +77,21 @@ fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
         println!("\nWarren's VMM needs KVM and this host has none usable ({e}); skipping its demo.");
         return Ok(());
     }
-    let root = sh::workspace_root();
-    sh::run(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "--release", "--quiet", "-p", "vmm"]),
-    )?;
+    let vmm = sh::build_vmm_release()?;
     let probe = probe::build()?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let dir = std::env::temp_dir().join(format!("warren-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("v.sock");
-    let listener = UnixListener::bind(format!("{}_{}", sock.display(), warren_protocol::AGENT_VSOCK_PORT))?;
     println!("\nbooting the probe guest on Warren's VMM (KVM, 1 vCPU, 128 MiB)...");
-    let started = Instant::now();
-    let mut child = Command::new(target.join("release/vmm"))
-        .arg("--kernel")
-        .arg(&probe)
-        .arg("--vsock-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting vmm")?;
-    let stream = warren_e2e::accept::accept_while_running(&listener, &mut child, Duration::from_secs(30))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut client = AgentClient::handshake(stream.try_clone()?, stream)?;
-    let ready = started.elapsed();
+    let mut vm = VmmGuest::boot(&vmm, Duration::from_secs(30), |_| vec!["--kernel".into(), probe.into()])?;
+    let ready = vm.spawn_to_hello();
     let t = Instant::now();
     for n in 0..10 {
-        client.ping(n)?;
+        vm.client.ping(n)?;
     }
     let rtt = t.elapsed() / 10;
-    client.shutdown()?;
-    let mut report = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut report)?;
-    let status = child.wait()?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let (status, report) = vm.shutdown()?;
     println!(
         "{} said hello over virtio-vsock {:.1} ms after the VMM was spawned; ping round trip {:.2} ms \
          (the probe's instructions are emulated on this host: {})",
-        client.hello().agent,
+        vm.client.hello().agent,
         ready.as_secs_f64() * 1e3,
         rtt.as_secs_f64() * 1e3,
         if host.runs_linux_natively() { "no" } else { "yes" }

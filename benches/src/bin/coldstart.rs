@@ -16,19 +16,16 @@
 //! `{"runs":N,"kernel":"probe","vcpus":V,"mem_mib":M,"spawn_to_init_ms":{"p50":…,"p90":…,"p99":…,"max":…},
 //!   "spawn_to_ready_ms":{…},"cycle_ms":{…},"stub_cycle_ms":{…},"vmm_overhead_kib":…}`
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use serde_json::Value;
 use warren_benches::Summary;
-use warren_e2e::accept::accept_while_running;
-use warren_protocol::client::AgentClient;
-use warren_protocol::AGENT_VSOCK_PORT;
+use warren_e2e::vmm::{monotonic_ns, VmmGuest};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum KernelKind {
@@ -64,25 +61,10 @@ fn env_path(var: &str) -> Result<PathBuf> {
         .with_context(|| format!("{var} is not set; run this through `cargo xtask bench coldstart`"))
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 struct Run {
     to_init_ms: Option<f64>,
     to_ready_ms: f64,
     cycle_ms: f64,
-}
-
-/// A booted VM with its guest connected.
-struct Booted {
-    child: Child,
-    client: AgentClient<UnixStream, UnixStream>,
-    t_ready: u64,
-    _dir: tempfile::TempDir,
 }
 
 /// What to boot.
@@ -95,67 +77,44 @@ struct Guest {
 /// Kernel command line for the project's Linux guest on the VMM.
 const LINUX_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1 tsc=reliable warren.transport=vsock";
 
-fn spawn_vm(vmm: &Path, guest: &Guest, args: &Args, t0: &mut u64) -> Result<Booted> {
-    let dir = tempfile::tempdir()?;
-    let sock = dir.path().join("v.sock");
-    let listener = UnixListener::bind(format!("{}_{AGENT_VSOCK_PORT}", sock.display()))?;
-    let mut cmd = Command::new(vmm);
-    if let Some(i) = &guest.initramfs {
-        cmd.arg("--initramfs").arg(i);
-    }
-    cmd.arg("--kernel")
-        .arg(&guest.kernel)
-        .args(["--cmdline", guest.cmdline])
-        .args([
-            "--vcpus",
-            &args.vcpus.to_string(),
-            "--mem-mib",
-            &args.mem.to_string(),
-            "--boot-timer",
-        ])
-        .arg("--vsock-socket")
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    *t0 = monotonic_ns();
-    let mut child = cmd.spawn()?;
-    let stream = accept_while_running(&listener, &mut child, Duration::from_secs(30))?;
-    let client = AgentClient::handshake(stream.try_clone()?, stream).context("guest hello")?;
-    let t_ready = monotonic_ns();
-    Ok(Booted {
-        child,
-        client,
-        t_ready,
-        _dir: dir,
-    })
+fn spawn_vm(vmm: &Path, guest: &Guest, args: &Args) -> Result<VmmGuest> {
+    let vm = VmmGuest::boot(vmm, Duration::from_secs(30), |_| {
+        let mut a: Vec<OsString> = Vec::new();
+        if let Some(i) = &guest.initramfs {
+            a.extend(["--initramfs".into(), i.into()]);
+        }
+        a.extend(["--kernel".into(), guest.kernel.clone().into()]);
+        a.extend(["--cmdline", guest.cmdline, "--boot-timer"].map(OsString::from));
+        a.extend(["--vcpus".into(), args.vcpus.to_string().into()]);
+        a.extend(["--mem-mib".into(), args.mem.to_string().into()]);
+        a
+    })?;
+    Ok(vm)
 }
 
 fn one_run(vmm: &Path, guest: &Guest, args: &Args) -> Result<Run> {
-    let mut t0 = 0;
-    let mut vm = spawn_vm(vmm, guest, args, &mut t0)?;
-    vm.client.shutdown()?;
-    let out = BufReader::new(vm.child.stdout.take().expect("piped"));
+    let mut vm = spawn_vm(vmm, guest, args)?;
+    let (status, out) = vm.shutdown()?;
+    let t_exit = monotonic_ns();
     let mut first_stamp = None;
     let mut exit = Value::Null;
     for line in out.lines() {
-        let v: Value = serde_json::from_str(&line?)?;
+        let v: Value = serde_json::from_str(line)?;
         match v["event"].as_str() {
             Some("boot_timer") if first_stamp.is_none() => first_stamp = v["monotonic_ns"].as_u64(),
             Some("exit") | Some("error") => exit = v,
             _ => {}
         }
     }
-    let status = vm.child.wait()?;
-    let t_exit = monotonic_ns();
     if !status.success() || exit["reason"] != "guest_reset" {
         bail!("vmm run failed: {status}: {exit}");
     }
+    let t0 = vm.spawned_ns;
     let ms = |t: u64| t.saturating_sub(t0) as f64 / 1e6;
     Ok(Run {
         // Linux has no boot-timer hook: only the probe stamps it.
         to_init_ms: first_stamp.map(ms),
-        to_ready_ms: ms(vm.t_ready),
+        to_ready_ms: ms(vm.ready_ns),
         cycle_ms: ms(t_exit),
     })
 }
@@ -181,8 +140,7 @@ fn stub_cycle_ms(vmm: &Path, kernel: &Path, args: &Args) -> Result<f64> {
 /// VmRSS minus the guest memory (shared memfd pages) of a running VMM
 /// whose guest is up and connected, KiB.
 fn vmm_overhead_kib(vmm: &Path, guest: &Guest, args: &Args) -> Result<u64> {
-    let mut t0 = 0;
-    let mut vm = spawn_vm(vmm, guest, args, &mut t0)?;
+    let mut vm = spawn_vm(vmm, guest, args)?;
     vm.client.ping(0)?;
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id()))?;
     let field = |name: &str| -> u64 {
@@ -194,8 +152,7 @@ fn vmm_overhead_kib(vmm: &Path, guest: &Guest, args: &Args) -> Result<u64> {
             .unwrap_or(0)
     };
     let overhead = field("VmRSS:").saturating_sub(field("RssShmem:"));
-    vm.client.shutdown()?;
-    vm.child.wait()?;
+    vm.shutdown()?;
     Ok(overhead)
 }
 
