@@ -39,11 +39,12 @@ enum Cmd {
     Build,
     /// Build the probe guest (for the VMM's tests and benchmarks).
     Probe,
-    /// Build everything and run the main job.
-    Run,
+    /// Build everything and run the main job: agentd with its embedded
+    /// defaults and a first session, left running until Ctrl-C.
+    Run(run::RunArgs),
     /// Lint, build what tests need and run every test.
     Test(test::TestArgs),
-    /// Run a benchmark: `coldstart` (VMM spawn to guest, probe guest) or
+    /// Run a benchmark: `coldstart` (VMM spawn to guest, probe guest), `handout` (agentd session handout) or
     /// `kernel-boot` (guest instructions to /init and hello, under QEMU).
     Bench {
         /// The benchmark.
@@ -74,7 +75,7 @@ fn main() -> Result<()> {
         Cmd::Probe => {
             println!("{}", probe::build()?.display());
         }
-        Cmd::Run => run::run(&cache)?,
+        Cmd::Run(args) => run::run(&cache, args)?,
         Cmd::Test(args) => test::run(&cache, args)?,
         Cmd::Bench { name, args } => bench(&cache, name, args)?,
     }
@@ -99,7 +100,15 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                     .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);
             }
         }
-        other => anyhow::bail!("unknown benchmark {other:?}; available: coldstart, kernel-boot"),
+        "handout" => {
+            let (agentd, nsinit) = sh::build_agentd_release()?;
+            cmd.env("WARREN_VMM", sh::build_vmm_release()?)
+                .env("WARREN_PROBE", probe::build()?)
+                .env("WARREN_INITRAMFS", images::build_initramfs(cache)?)
+                .env("WARREN_AGENTD", agentd)
+                .env("WARREN_NSINIT", nsinit);
+        }
+        other => anyhow::bail!("unknown benchmark {other:?}; available: coldstart, handout, kernel-boot"),
     }
     sh::run(
         cmd.args([

@@ -1,15 +1,19 @@
-//! `cargo xtask run`: build everything and show a first guest working.
+//! `cargo xtask run`: build everything and show the main job working.
 //!
-//! agentd, the daemon that will serve the API, is not built yet; until it
-//! is, `run` boots the project's kernel and initramfs under QEMU (the way
-//! every host can, see docs/ARCHITECTURE.md), drives guest-agent through a
-//! short session a person can follow and shuts the guest down, then boots
-//! the probe guest on Warren's own VMM on KVM and talks to it over vsock.
+//! It builds the kernel, the initramfs, the VMM and agentd; boots the
+//! project's kernel once under QEMU (the way every host can run it) to show
+//! guest-agent as PID 1 of a real Linux guest; boots the probe guest on
+//! Warren's own VMM on KVM; then starts agentd with its embedded default
+//! configuration, drives a first session through its HTTP API — a command,
+//! streamed output, metering, teardown with scrub — and leaves agentd
+//! serving until Ctrl-C (which drains it).
 
-use std::io::Write;
+use std::io::{BufRead, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 use warren_e2e::qemu::{QemuGuest, QemuOptions};
 use warren_e2e::vmm::VmmGuest;
 use warren_images::Cache;
@@ -17,16 +21,42 @@ use warren_protocol::{ExecRequest, Stream};
 
 use crate::{images, kernel, packages, probe, sh};
 
-/// Builds, boots, runs a few commands, shuts down.
-pub fn run(cache: &Cache) -> Result<()> {
+/// The address agentd's embedded defaults listen on.
+const API: &str = "http://127.0.0.1:8420";
+
+/// Options of `cargo xtask run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Stop agentd after the first session instead of leaving it running.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Skip the QEMU boot of the Linux guest.
+    #[arg(long)]
+    pub no_qemu: bool,
+}
+
+/// Builds, shows the guests, runs agentd.
+pub fn run(cache: &Cache, args: &RunArgs) -> Result<()> {
     let host = vmm::host::HostVirt::detect();
     eprintln!("xtask: host: {}", host.describe());
     packages::ensure(packages::TESTS)?;
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
+    let vmm = sh::build_vmm_release()?;
+    let (agentd, _nsinit) = sh::build_agentd_release()?;
     println!("kernel:    {}", vmlinux.display());
     println!("initramfs: {}", initramfs.display());
-    println!("\nbooting the guest under QEMU TCG (software CPU emulation; a few seconds)...");
+    if !args.no_qemu {
+        qemu_session(vmlinux, initramfs)?;
+    }
+    vmm_session(&host, &vmm)?;
+    agentd_session(cache, &agentd, args)
+}
+
+/// Boots the project's kernel and initramfs under QEMU TCG and drives
+/// guest-agent through a few requests.
+fn qemu_session(vmlinux: std::path::PathBuf, initramfs: std::path::PathBuf) -> Result<()> {
+    println!("\n== 1. the guest kernel under QEMU TCG (software CPU emulation; a few seconds)");
     let mut g = QemuGuest::boot(&QemuOptions::new(vmlinux, initramfs)).context("booting the guest")?;
     let hello = g.client.hello().clone();
     println!(
@@ -37,9 +67,9 @@ pub fn run(cache: &Cache) -> Result<()> {
         hello.boot_time_ns / 1_000_000,
         g.spawn_to_hello.as_secs_f64()
     );
-    let script = "echo \"hello from $(hostname), PID 1 is $(cat /proc/1/comm)\"; uname -a; \
-                  echo; cat /proc/meminfo | head -2; echo; mount | grep -E 'proc|sys|tmp'";
-    println!("\n$ {script}");
+    let script =
+        "echo \"hello from $(hostname), PID 1 is $(cat /proc/1/comm)\"; uname -a; mount | grep -E 'proc|tmp' | head -3";
+    println!("$ {script}");
     let status = g.client.exec_streaming(
         ExecRequest {
             argv: vec!["sh".into(), "-c".into(), script.into()],
@@ -54,10 +84,6 @@ pub fn run(cache: &Cache) -> Result<()> {
         },
     )?;
     println!("(exit {:?})", status.code);
-    g.client
-        .write_file("/tmp/note.txt", b"written by the host over the guest protocol\n", None)?;
-    let back = g.client.read_file("/tmp/note.txt")?;
-    print!("\n/tmp/note.txt read back: {}", String::from_utf8_lossy(&back));
     g.client.shutdown()?;
     let exit = g.wait_exit(Duration::from_secs(60))?;
     println!(
@@ -65,22 +91,19 @@ pub fn run(cache: &Cache) -> Result<()> {
         exit.map(|s| s.to_string())
             .unwrap_or_else(|| "still running, killed".into())
     );
-    vmm_session(&host)?;
-    println!("\nagentd is not built yet: this is the whole main job for now. `cargo xtask test` runs every test.");
     Ok(())
 }
 
 /// Boots the probe guest on Warren's own VMM, on KVM, and talks to it over
 /// virtio-vsock.
-fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
+fn vmm_session(host: &vmm::host::HostVirt, vmm: &std::path::Path) -> Result<()> {
+    println!("\n== 2. the probe guest on Warren's VMM (KVM, 1 vCPU, 128 MiB)");
     if let Err(e) = &host.kvm {
-        println!("\nWarren's VMM needs KVM and this host has none usable ({e}); skipping its demo.");
+        println!("DID NOT RUN: Warren's VMM needs KVM and this host has none usable ({e}).");
         return Ok(());
     }
-    let vmm = sh::build_vmm_release()?;
     let probe = probe::build()?;
-    println!("\nbooting the probe guest on Warren's VMM (KVM, 1 vCPU, 128 MiB)...");
-    let mut vm = VmmGuest::boot(&vmm, Duration::from_secs(30), |_| vec!["--kernel".into(), probe.into()])?;
+    let mut vm = VmmGuest::boot(vmm, Duration::from_secs(30), |_| vec!["--kernel".into(), probe.into()])?;
     let ready = vm.spawn_to_hello();
     let t = Instant::now();
     for n in 0..10 {
@@ -100,5 +123,139 @@ fn vmm_session(host: &vmm::host::HostVirt) -> Result<()> {
         "vmm exited with {status}; its report: {}",
         report.lines().last().unwrap_or("")
     );
+    Ok(())
+}
+
+/// agentd stopped on drop (SIGTERM: it drains).
+struct Agentd(Child);
+
+impl Drop for Agentd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn http() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build()
+}
+
+fn call(agent: &ureq::Agent, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    let req = agent.request(method, &format!("{API}{path}"));
+    let res = match body {
+        Some(b) => req.set("content-type", "application/json").send_string(&b.to_string()),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => Ok(serde_json::from_str(&r.into_string()?)?),
+        Err(ureq::Error::Status(code, r)) => bail!("{method} {path}: {code} {}", r.into_string().unwrap_or_default()),
+        Err(e) => bail!("{method} {path}: {e}"),
+    }
+}
+
+/// Starts agentd with its embedded defaults, drives a first session and
+/// leaves it serving.
+fn agentd_session(cache: &Cache, agentd: &std::path::Path, args: &RunArgs) -> Result<()> {
+    println!("\n== 3. agentd with its embedded default configuration");
+    let agent = http();
+    if agent.get(&format!("{API}/healthz")).call().is_ok() {
+        bail!("something already serves {API}: stop the agentd running there first");
+    }
+    // Warnings only (the backend choice among them): the session below is
+    // the output to read.
+    let child = Command::new(agentd)
+        .args(["--log", "warn"])
+        .env("WARREN_CACHE_DIR", cache.root())
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", agentd.display()))?;
+    let mut daemon = Agentd(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let health = loop {
+        if let Some(st) = daemon.0.try_wait()? {
+            bail!("agentd exited with {st} before serving (its log is above)");
+        }
+        if let Ok(h) = call(&agent, "GET", "/healthz", None) {
+            break h;
+        }
+        if Instant::now() > deadline {
+            bail!("agentd did not serve {API} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "agentd serves {API} and unix:/run/warren/agentd.sock; backend: {}",
+        health["isolation"].as_str().unwrap_or("")
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while call(&agent, "GET", "/v1/pools", None)?[0]["ready"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("$ curl -X POST {API}/v1/sessions -d '{{}}'");
+    let s = call(&agent, "POST", "/v1/sessions", Some(json!({})))?;
+    let id = s["id"].as_str().context("no session id")?.to_string();
+    println!(
+        "session {id}: image {}, {} vCPU, {} MiB, bound in {:.2} ms ({})",
+        s["image"].as_str().unwrap_or(""),
+        s["vcpus"],
+        s["memory_mib"],
+        s["handout_ms"].as_f64().unwrap_or(0.0),
+        if s["from_pool"] == true {
+            "from the warm pool"
+        } else {
+            "booted on demand"
+        }
+    );
+    let script = "echo \"hello from $(hostname), PID 1 is $(cat /proc/1/comm)\"; uname -sr; ls /";
+    println!("$ curl {API}/v1/sessions/{id}/exec -d '{{\"argv\":[\"sh\",\"-c\",\"…\"]}}'");
+    let r = call(
+        &agent,
+        "POST",
+        &format!("/v1/sessions/{id}/exec"),
+        Some(json!({"argv": ["sh", "-c", script]})),
+    )?;
+    print!("{}", r["stdout"].as_str().unwrap_or(""));
+    print!("{}", r["stderr"].as_str().unwrap_or(""));
+    println!(
+        "(exit {}, {:.1} ms in the guest)",
+        r["exit_code"],
+        r["duration_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!("$ curl -N {API}/v1/sessions/{id}/exec/stream …   (each line as it happens)");
+    let res = agent
+        .post(&format!("{API}/v1/sessions/{id}/exec/stream"))
+        .send_string(&json!({"argv": ["sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.4; done"]}).to_string())
+        .map_err(|e| anyhow::anyhow!("streaming exec: {e}"))?;
+    let started = Instant::now();
+    for line in std::io::BufReader::new(res.into_reader()).lines() {
+        let ev: Value = serde_json::from_str(&line?)?;
+        println!("  +{:>4} ms  {ev}", started.elapsed().as_millis());
+    }
+    let ended = call(&agent, "DELETE", &format!("/v1/sessions/{id}"), None)?;
+    println!(
+        "session ended ({}): metered {:.2} ms of CPU, {:.6} GiB·s of memory; teardown wiped {} bytes in {:.2} ms",
+        ended["end_reason"].as_str().unwrap_or(""),
+        ended["metering"]["cpu_ns"].as_f64().unwrap_or(0.0) / 1e6,
+        ended["metering"]["memory_gib_s"].as_f64().unwrap_or(0.0),
+        ended["scrub"]["bytes"],
+        ended["scrub"]["ns"].as_f64().unwrap_or(0.0) / 1e6
+    );
+    if args.no_wait {
+        println!("\nstopping agentd (--no-wait). `cargo xtask test` runs every test.");
+        return Ok(());
+    }
+    println!(
+        "\nagentd keeps serving {API}. Try:\n  curl -s -X POST {API}/v1/sessions -d '{{}}'\n  curl -s {API}/v1/sessions\n  \
+         curl -s {API}/metrics\nCtrl-C stops it (it drains: ends the sessions and wipes them). `cargo xtask test` runs every test."
+    );
+    let status = daemon.0.wait()?;
+    std::mem::forget(daemon);
+    println!("agentd exited: {status}");
     Ok(())
 }

@@ -33,6 +33,13 @@ pub fn build_vmm_release() -> Result<PathBuf> {
     Ok(target_dir().join("release/vmm"))
 }
 
+/// Builds agentd and its sandbox launcher (release); returns their paths.
+pub fn build_agentd_release() -> Result<(PathBuf, PathBuf)> {
+    run(cargo().args(["build", "--release", "--quiet", "-p", "agentd", "--bins"]))?;
+    let dir = target_dir().join("release");
+    Ok((dir.join("agentd"), dir.join("warren-nsinit")))
+}
+
 /// Describes a command for messages.
 pub fn describe(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

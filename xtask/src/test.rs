@@ -49,7 +49,8 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     let initramfs = images::build_initramfs(cache)?;
     eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
     sh::run(sh::cargo().args(["build", "--quiet", "-p", "warren-protocol", "--no-default-features"]))?;
-    run_tests(&vmlinux, &initramfs, &probe, &args.runner_args)?;
+    let vmm = sh::build_vmm_release()?;
+    run_tests(&vmlinux, &initramfs, &probe, &vmm, &args.runner_args)?;
     if args.runner_args.is_empty() {
         eprintln!("xtask: cold-start benchmark smoke test (3 runs)");
         crate::bench(cache, "coldstart", &["--runs".into(), "3".into(), "--json".into()])?;
@@ -57,7 +58,7 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, extra: &[String]) -> Result<()> {
+fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, vmm: &Path, extra: &[String]) -> Result<()> {
     let nextest = sh::cargo()
         .args(["nextest", "--version"])
         .output()
@@ -78,7 +79,8 @@ fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, extra: &[String]) -
     }
     cmd.env("WARREN_KERNEL", vmlinux)
         .env("WARREN_INITRAMFS", initramfs)
-        .env("WARREN_PROBE", probe);
+        .env("WARREN_PROBE", probe)
+        .env("WARREN_VMM", vmm);
     eprintln!("xtask: {}", sh::describe(&cmd));
     sh::run(&mut cmd)
 }

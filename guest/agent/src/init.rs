@@ -41,6 +41,12 @@ pub fn mount_basics() {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755"),
     );
+    default_path();
+}
+
+/// Sets a standard `PATH` when the environment has none (the kernel starts
+/// PID 1 without one).
+pub fn default_path() {
     if std::env::var_os("PATH").is_none() {
         std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     }
@@ -68,6 +74,11 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 }
 
 /// Ends every other process, syncs and resets the machine.
+///
+/// In a namespace sandbox (`--sandboxed`) the same call ends the sandbox:
+/// reboot(2) from the init of a non-initial PID namespace kills that init
+/// (its parent sees it killed by SIGHUP) and with it the whole namespace;
+/// `kill(-1)` there reaches only the sandbox's own processes.
 ///
 /// Reset, not power-off: the VM has no ACPI, so a power-off request would
 /// only halt the CPU, while a reset (through the i8042 or a triple fault)

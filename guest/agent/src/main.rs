@@ -4,7 +4,10 @@
 //! (vsock in production, a virtio console port under QEMU, a Unix socket in
 //! host-side tests), says hello and serves the guest protocol: commands with
 //! streamed output, files, shutdown. Run as an ordinary process it skips
-//! the PID 1 duties and serves the same protocol.
+//! the PID 1 duties and serves the same protocol. With `--sandboxed` it is
+//! PID 1 of a namespace sandbox that agentd's `warren-nsinit` prepared: the
+//! sandbox already has its mounts and hostname, so only reaping and the
+//! reboot(2) at shutdown (which ends the PID namespace) remain.
 
 mod cmdline;
 mod exec;
@@ -40,6 +43,11 @@ struct Args {
     /// Log filter (tracing-subscriber syntax).
     #[arg(long, default_value = "info")]
     log: String,
+    /// Running as PID 1 of a namespace sandbox that agentd prepared: skip
+    /// mounting and the hostname (the sandbox did them). Shutdown still
+    /// ends in reboot(2), which ends the sandbox's PID namespace.
+    #[arg(long)]
+    sandboxed: bool,
 }
 
 fn main() {
@@ -50,12 +58,18 @@ fn main() {
         .with_ansi(false)
         .init();
     let pid1 = std::process::id() == 1;
-    if pid1 {
+    // In a sandbox the mounts are the sandbox's: in particular no tmpfs on
+    // /tmp, /run or /dev/shm, so whatever the session writes lands in the
+    // overlay's upper directory, which agentd scrubs.
+    let prepare = pid1 && !args.sandboxed;
+    if prepare {
         init::mount_basics();
+    } else if pid1 {
+        init::default_path();
     }
     // Only readable once /proc is mounted.
     let kernel = KernelOptions::from_proc();
-    if pid1 {
+    if prepare {
         init::set_hostname(kernel.hostname.as_deref());
     }
     let transport = match args.transport.clone() {

@@ -38,8 +38,8 @@ use alloc::vec;
 use core::arch::asm;
 
 use warren_protocol::{
-    decode_host_frame, encode_frame, ErrorKind, ErrorReply, FrameDecoder, GuestFrame, Hello, HostFrame, Reply, Request,
-    AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode_host_frame, encode_frame, ErrorKind, ErrorReply, ExitStatus, FrameDecoder, GuestFrame, Hello, HostFrame,
+    Reply, Request, Stream, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
 /// The VMM's boot-timer port.
@@ -168,14 +168,10 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
                             power_off();
                         }
                         Request::BurnCpu { ms } => {
-                            // Run time, not guest time: a vCPU the host
-                            // preempts must still burn what was asked.
-                            let end = clock::run_ns().saturating_add(u64::from(ms) * 1_000_000);
-                            while clock::run_ns() < end {
-                                core::hint::spin_loop();
-                            }
+                            burn(u64::from(ms));
                             GuestFrame::Reply { id, reply: Reply::Done }
                         }
+                        Request::Exec(e) => exec(vsock, id, &e.argv),
                         Request::TouchMemory { mib, pattern } => match memory::touch(mib, pattern) {
                             Ok(()) => GuestFrame::Reply { id, reply: Reply::Done },
                             Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
@@ -207,6 +203,78 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
             };
             send(vsock, &answer);
         }
+    }
+}
+
+/// Spins for `ms` of run time, not guest time: a vCPU the host preempts
+/// must still burn what was asked.
+fn burn(ms: u64) {
+    let end = clock::run_ns().saturating_add(ms * 1_000_000);
+    while clock::run_ns() < end {
+        core::hint::spin_loop();
+    }
+}
+
+/// The probe has no processes; it answers a few built-in commands so that
+/// the host's exec path (agentd's API included) can be driven on it:
+/// `true`, `echo ARGS…` and `burn MS` (spin MS ms of CPU). Anything else
+/// exits 127 with a message on stderr, as a shell would.
+fn exec(vsock: &mut vsock::Vsock, id: u64, argv: &[String]) -> GuestFrame {
+    let started = clock::now_ns();
+    let output = |vsock: &mut vsock::Vsock, stream: Stream, text: String| {
+        send(
+            vsock,
+            &GuestFrame::Reply {
+                id,
+                reply: Reply::Output {
+                    stream,
+                    data: text.into_bytes(),
+                },
+            },
+        )
+    };
+    send(
+        vsock,
+        &GuestFrame::Reply {
+            id,
+            reply: Reply::ExecStarted { pid: 1 },
+        },
+    );
+    let code = match argv.first().map(String::as_str) {
+        Some("true") => 0,
+        Some("echo") => {
+            let mut line = argv[1..].join(" ");
+            line.push('\n');
+            output(vsock, Stream::Stdout, line);
+            0
+        }
+        Some("burn") => match argv.get(1).and_then(|m| m.parse::<u64>().ok()) {
+            Some(ms) => {
+                burn(ms);
+                0
+            }
+            None => {
+                output(vsock, Stream::Stderr, String::from("probe: usage: burn MS\n"));
+                2
+            }
+        },
+        other => {
+            output(
+                vsock,
+                Stream::Stderr,
+                format!("probe: {}: not a probe command\n", other.unwrap_or("")),
+            );
+            127
+        }
+    };
+    GuestFrame::Reply {
+        id,
+        reply: Reply::Exited(ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+            duration_ns: clock::now_ns().saturating_sub(started),
+        }),
     }
 }
 

@@ -1,0 +1,550 @@
+//! agentd end to end, on both backends: the real binary, its HTTP API, real
+//! guests (the probe on Warren's VMM on KVM; guest-agent and the base image
+//! in a namespace sandbox), real processes killed, a real SQLite file.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Runs `$body(backend)` once per backend, as two tests.
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn microvm() {
+                ($body)(Backend::Microvm)
+            }
+            #[test]
+            fn namespace() {
+                ($body)(Backend::Namespace)
+            }
+        }
+    };
+}
+
+fn assert_nothing_left(a: &Agentd, guest_id: &str, guest_pid: u32) {
+    let dir = a.guests_dir().join(guest_id);
+    assert!(!dir.exists(), "{} still exists", dir.display());
+    assert!(mounts_under(&dir).is_empty(), "mounts left: {:?}", mounts_under(&dir));
+    assert!(!pid_alive(guest_pid), "guest process {guest_pid} still alive");
+    assert!(
+        processes_mentioning(&dir.to_string_lossy()).is_empty(),
+        "processes still use {}",
+        dir.display()
+    );
+    if a.backend == Backend::Namespace {
+        for root in [
+            "/sys/fs/cgroup/warren",
+            "/sys/fs/cgroup/cpuacct/warren",
+            "/sys/fs/cgroup/memory/warren",
+        ] {
+            let cg = std::path::Path::new(root).join(guest_id);
+            assert!(!cg.exists(), "cgroup {} left", cg.display());
+        }
+    }
+}
+
+both_backends!(session_lifecycle, |b: Backend| {
+    let a = Agentd::start(b, 1);
+    a.wait_pool(1);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap().to_string();
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["backend"], b.name());
+    assert_eq!(s["from_pool"], true, "{s}");
+    if b == Backend::Namespace {
+        assert!(s["isolation"].as_str().unwrap().contains("weaker"), "{s}");
+    }
+    let r = a.exec(&id, &b.echo("hello warren"));
+    assert_eq!(r["stdout"], "hello warren\n", "{r}");
+    assert_eq!(r["exit_code"], 0);
+    // A program that does not exist is the command's failure, not the API's.
+    let (st, r) = a.request(
+        "POST",
+        &format!("/v1/sessions/{id}/exec"),
+        Some(&json!({"argv": ["no-such-program-xyz"]}).to_string()),
+    );
+    assert!(st == 200 || st == 400, "{st} {r}");
+    if st == 200 {
+        assert_ne!(r["exit_code"], 0, "{r}");
+    }
+    let got = a.session(&id);
+    assert_eq!(got["id"], id.as_str());
+    let (_, list) = a.request("GET", "/v1/sessions", None);
+    assert!(list.as_array().unwrap().iter().any(|x| x["id"] == id.as_str()));
+    let ended = a.delete(&id);
+    assert_eq!(ended["state"], "ended");
+    assert_eq!(ended["end_reason"], "deleted");
+    assert!(ended["metering"]["cpu_ns"].as_u64().unwrap() > 0, "{ended}");
+    assert!(ended["scrub"]["bytes"].as_u64().is_some(), "no scrub report: {ended}");
+    assert_nothing_left(
+        &a,
+        ended["guest_id"].as_str().unwrap(),
+        ended["guest_pid"].as_u64().unwrap() as u32,
+    );
+    // Ended sessions stay listable, with their metering, and refuse work.
+    let again = a.session(&id);
+    assert_eq!(again["state"], "ended");
+    assert_eq!(again["metering"], ended["metering"]);
+    let (st, e) = a.request("DELETE", &format!("/v1/sessions/{id}"), None);
+    assert_eq!(st, 409, "{e}");
+    let (st, e) = a.request(
+        "POST",
+        &format!("/v1/sessions/{id}/exec"),
+        Some(&b.echo("x").to_string()),
+    );
+    assert_eq!(st, 409, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("ended"), "{e}");
+});
+
+both_backends!(bad_requests_get_clear_errors_and_lose_nothing, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap();
+    let exec = format!("/v1/sessions/{id}/exec");
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some("{not json".into()),
+            400,
+            "malformed JSON",
+        ),
+        ("POST", "/v1/sessions".into(), Some("".into()), 400, "empty"),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"{"memory_mb": 5}"#.into()),
+            400,
+            "memory_mb",
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"{"vcpus": 0}"#.into()),
+            400,
+            "vcpus",
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"{"vcpus": "two"}"#.into()),
+            400,
+            "malformed",
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"{"memory_mib": 1}"#.into()),
+            400,
+            "memory_mib",
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"{"image": "nope"}"#.into()),
+            404,
+            "nope",
+        ),
+        (
+            "POST",
+            "/v1/sessions".into(),
+            Some(r#"[1,2,3]"#.into()),
+            400,
+            "malformed",
+        ),
+        ("POST", exec.clone(), Some(r#"{"argv": []}"#.into()), 400, "argv"),
+        (
+            "POST",
+            exec.clone(),
+            Some(r#"{"argv": ["x"], "timeout_s": -1}"#.into()),
+            400,
+            "timeout_s",
+        ),
+        (
+            "POST",
+            exec.clone(),
+            Some(r#"{"argv": ["a\u0000b"]}"#.into()),
+            400,
+            "NUL",
+        ),
+        (
+            "POST",
+            exec.clone(),
+            Some("\u{0}\u{1}\u{2}garbage".into()),
+            400,
+            "malformed",
+        ),
+        ("GET", "/v1/sessions/ses-doesnotexist".into(), None, 404, "no session"),
+        ("GET", "/v1/sessions/bad%20id".into(), None, 400, "malformed"),
+        (
+            "POST",
+            "/v1/sessions/ses-doesnotexist/exec".into(),
+            Some(b.echo("x").to_string()),
+            404,
+            "no session",
+        ),
+        ("PUT", "/v1/sessions".into(), Some("{}".into()), 405, "PUT"),
+        ("GET", "/v2/nothing".into(), None, 404, "no route"),
+    ];
+    for (method, path, body, want, needle) in cases {
+        let (st, v) = a.request(method, &path, body.as_deref());
+        assert_eq!(st, want, "{method} {path} {body:?}: {v}");
+        let msg = v["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no JSON error for {method} {path}: {v}"));
+        assert!(v["code"].is_string(), "{v}");
+        assert!(
+            msg.contains(needle),
+            "{method} {path}: {msg:?} does not mention {needle:?}"
+        );
+    }
+    // Over the body limit: 413, and the daemon is still fine.
+    let big = format!("{{\"argv\": [\"echo\"], \"stdin\": \"{}\"}}", "x".repeat(17 << 20));
+    let (st, v) = a.try_request("POST", &exec, Some(&big)).unwrap_or((413, Value::Null));
+    assert_eq!(st, 413, "{v}");
+    // The session survived all of it.
+    let r = a.exec(id, &b.echo("still here"));
+    assert_eq!(r["stdout"], "still here\n");
+    let (st, _) = a.request("GET", "/healthz", None);
+    assert_eq!(st, 200);
+});
+
+both_backends!(cpu_burn_is_metered_within_5_percent, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap();
+    let before = a.session(id)["metering"]["cpu_ns"].as_u64().unwrap();
+    // The reference: what the guest itself says it burned.
+    let burned_ns = match b {
+        Backend::Microvm => {
+            a.exec(id, &json!({"argv": ["burn", "1000"]}));
+            1_000_000_000u64
+        }
+        Backend::Namespace => {
+            let r = a.exec(
+                id,
+                &json!({"argv": ["sh", "-c", "time -p timeout 1 sh -c 'while :; do :; done'"]}),
+            );
+            let err = r["stderr"].as_str().unwrap();
+            let field = |name: &str| -> f64 {
+                err.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().parse::<f64>().unwrap()))
+                    .unwrap_or_else(|| panic!("no {name} in {err:?}"))
+            };
+            ((field("user") + field("sys")) * 1e9) as u64
+        }
+    };
+    let after = a.session(id)["metering"]["cpu_ns"].as_u64().unwrap();
+    let metered = after - before;
+    let err = (metered as f64 - burned_ns as f64).abs() / burned_ns as f64;
+    eprintln!(
+        "{}: guest burned {:.1} ms, metered {:.1} ms ({:+.2} %)",
+        b.name(),
+        burned_ns as f64 / 1e6,
+        metered as f64 / 1e6,
+        (metered as f64 / burned_ns as f64 - 1.0) * 100.0
+    );
+    assert!(
+        burned_ns > 500_000_000,
+        "the burn was too short to judge: {burned_ns} ns"
+    );
+    assert!(err <= 0.05, "metered {metered} ns for {burned_ns} ns burned");
+    let ended = a.delete(id);
+    assert!(ended["metering"]["cpu_ns"].as_u64().unwrap() >= after);
+});
+
+both_backends!(three_seconds_blocked_on_io_is_not_billed, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap().to_string();
+    let before = a.session(&id)["metering"]["cpu_ns"].as_u64().unwrap();
+    let t = Instant::now();
+    match b {
+        Backend::Microvm => {
+            // The probe waits for its next request, which the host sends
+            // after 3 s: it is halted, not spinning, meanwhile.
+            std::thread::sleep(Duration::from_secs(3));
+            a.exec(&id, &json!({"argv": ["true"]}));
+        }
+        Backend::Namespace => {
+            // The guest reads a FIFO the host writes to after 3 s.
+            a.exec(&id, &json!({"argv": ["mkfifo", "/tmp/answer"]}));
+            let reader = {
+                let (base, id) = (a.base.clone(), id.clone());
+                std::thread::spawn(move || {
+                    ureq::post(&format!("{base}/v1/sessions/{id}/exec"))
+                        .send_string(&json!({"argv": ["cat", "/tmp/answer"]}).to_string())
+                        .unwrap()
+                        .into_string()
+                        .unwrap()
+                })
+            };
+            std::thread::sleep(Duration::from_secs(3));
+            a.exec(&id, &json!({"argv": ["sh", "-c", "echo answered > /tmp/answer"]}));
+            let out: Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+            assert_eq!(out["stdout"], "answered\n", "{out}");
+        }
+    }
+    let waited = t.elapsed();
+    let metered = a.session(&id)["metering"]["cpu_ns"].as_u64().unwrap() - before;
+    eprintln!(
+        "{}: {:.2} s blocked on I/O, metered {:.2} ms",
+        b.name(),
+        waited.as_secs_f64(),
+        metered as f64 / 1e6
+    );
+    assert!(waited >= Duration::from_secs(3));
+    assert!(
+        metered < 50_000_000,
+        "a guest waiting 3 s on I/O was billed {metered} ns"
+    );
+    a.delete(&id);
+});
+
+both_backends!(a_killed_guest_ends_only_its_session, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let victim = a.create_session();
+    let other = a.create_session();
+    let vid = victim["id"].as_str().unwrap();
+    let pid = victim["guest_pid"].as_u64().unwrap() as u32;
+    nix_kill(pid, libc::SIGKILL);
+    a.wait_until("the victim's session to end", Duration::from_secs(20), || {
+        a.session(vid)["state"] == "ended"
+    });
+    let v = a.session(vid);
+    assert_eq!(v["end_reason"], b.crash_reason(), "{v}");
+    assert_nothing_left(&a, v["guest_id"].as_str().unwrap(), pid);
+    let oid = other["id"].as_str().unwrap();
+    assert_eq!(a.session(oid)["state"], "running");
+    assert_eq!(a.exec(oid, &b.echo("unharmed"))["stdout"], "unharmed\n");
+    a.delete(oid);
+});
+
+both_backends!(restart_after_kill_9_cleans_everything, |b: Backend| {
+    let mut a = Agentd::start(b, 1);
+    a.wait_pool(1);
+    let s1 = a.create_session();
+    let s2 = a.create_session();
+    a.wait_pool(1);
+    let (_, pools) = a.request("GET", "/v1/pools", None);
+    assert_eq!(pools[0]["ready"], 1);
+    let guests: Vec<String> = entries(&a.guests_dir());
+    assert_eq!(guests.len(), 3, "two bound guests and one ready: {guests:?}");
+    let pids: Vec<u32> = guests
+        .iter()
+        .flat_map(|g| processes_mentioning(&a.guests_dir().join(g).to_string_lossy()))
+        .collect();
+    assert!(pids.len() >= 3, "guest processes {pids:?}");
+    a.kill9();
+    // The guests outlived agentd.
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+    a.spawn(&[]);
+    for s in [&s1, &s2] {
+        let v = a.session(s["id"].as_str().unwrap());
+        assert_eq!(v["state"], "ended", "{v}");
+        assert_eq!(v["end_reason"], "agentd_restart", "{v}");
+    }
+    a.wait_until("the old guests' processes to be gone", Duration::from_secs(10), || {
+        pids.iter().all(|p| !pid_alive(*p))
+    });
+    let now: Vec<String> = entries(&a.guests_dir());
+    for g in &guests {
+        assert!(!now.contains(g), "old guest {g} left behind: {now:?}");
+        assert!(mounts_under(&a.guests_dir().join(g)).is_empty());
+    }
+    // And the node serves again.
+    a.wait_pool(1);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(a.exec(id, &b.echo("after restart"))["stdout"], "after restart\n");
+});
+
+both_backends!(
+    twenty_concurrent_sessions_all_succeed_and_leave_nothing,
+    |b: Backend| {
+        let a = std::sync::Arc::new(Agentd::start(b, 2));
+        let threads: Vec<_> = (0..20)
+            .map(|i| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    let s = a.create_session();
+                    let id = s["id"].as_str().unwrap().to_string();
+                    let r = a.exec(&id, &b.echo(&format!("session {i}")));
+                    assert_eq!(r["stdout"], format!("session {i}\n"));
+                    let ended = a.delete(&id);
+                    (
+                        ended["guest_id"].as_str().unwrap().to_string(),
+                        ended["guest_pid"].as_u64().unwrap() as u32,
+                    )
+                })
+            })
+            .collect();
+        let ended: Vec<(String, u32)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for (g, pid) in &ended {
+            assert_nothing_left(&a, g, *pid);
+        }
+        let (_, list) = a.request("GET", "/v1/sessions", None);
+        let n = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["end_reason"] == "deleted")
+            .count();
+        assert_eq!(n, 20);
+    }
+);
+
+both_backends!(capacity_gives_429_with_retry_after, |b: Backend| {
+    let a = Agentd::start_with(b, 0, "", "[capacity]\nmax_guests = 2\nretry_after_s = 7\n");
+    let s1 = a.create_session();
+    let _s2 = a.create_session();
+    let r = a.raw("POST", "/v1/sessions", "{}");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.header("retry-after"), Some("7"));
+    let body: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert_eq!(body["code"], "capacity", "{body}");
+    // Freeing one makes room again.
+    a.delete(s1["id"].as_str().unwrap());
+    a.create_session();
+    let (_, m) = a.request("GET", "/metrics", None);
+    assert!(
+        m.as_str().unwrap().contains("warren_capacity_rejections_total 1"),
+        "{m}"
+    );
+});
+
+both_backends!(idle_timeout_and_max_lifetime_end_sessions, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let (st, idle) = a.request("POST", "/v1/sessions", Some(r#"{"idle_timeout_s": 1}"#));
+    assert_eq!(st, 201, "{idle}");
+    let (st, short) = a.request(
+        "POST",
+        "/v1/sessions",
+        Some(r#"{"max_lifetime_s": 2, "idle_timeout_s": 100}"#),
+    );
+    assert_eq!(st, 201, "{short}");
+    let (iid, sid) = (idle["id"].as_str().unwrap(), short["id"].as_str().unwrap());
+    // Keep the second one busy: activity does not extend a maximum life.
+    for _ in 0..3 {
+        a.exec(sid, &b.echo("busy"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    a.wait_until("both sessions to end", Duration::from_secs(15), || {
+        a.session(iid)["state"] == "ended" && a.session(sid)["state"] == "ended"
+    });
+    assert_eq!(a.session(iid)["end_reason"], "idle_timeout");
+    assert_eq!(a.session(sid)["end_reason"], "max_lifetime");
+});
+
+both_backends!(streaming_exec_delivers_output_as_it_comes, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap();
+    let body = match b {
+        // The probe's burn keeps the command running after its first event.
+        Backend::Microvm => json!({"argv": ["burn", "1500"]}),
+        Backend::Namespace => json!({"argv": ["sh", "-c", "echo first; sleep 1.5; echo second"]}),
+    };
+    let t = Instant::now();
+    let r = a.raw("POST", &format!("/v1/sessions/{id}/exec/stream"), &body.to_string());
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(r.into_reader()));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let first_at = t.elapsed();
+    let rest: Vec<Value> = lines.map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    let total = t.elapsed();
+    assert_eq!(first["type"], "started", "{first}");
+    assert!(
+        first_at + Duration::from_millis(1000) < total,
+        "first event at {first_at:?}, end at {total:?}"
+    );
+    let last = rest.last().unwrap();
+    assert_eq!(last["type"], "exit", "{rest:?}");
+    assert_eq!(last["exit_code"], 0);
+    if b == Backend::Namespace {
+        let out: String = rest
+            .iter()
+            .filter(|e| e["type"] == "stdout")
+            .map(|e| e["data"].as_str().unwrap())
+            .collect();
+        assert_eq!(out, "first\nsecond\n");
+    }
+});
+
+both_backends!(metrics_health_pools_and_unix_socket, |b: Backend| {
+    let a = Agentd::start(b, 1);
+    a.wait_pool(1);
+    let s = a.create_session();
+    a.exec(s["id"].as_str().unwrap(), &b.echo("m"));
+    a.delete(s["id"].as_str().unwrap());
+    let (st, h) = a.request("GET", "/healthz", None);
+    assert_eq!(st, 200);
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["backend"], b.name());
+    let (_, m) = a.request("GET", "/metrics", None);
+    let m = m.as_str().unwrap().to_string();
+    for needle in [
+        "warren_pool_ready{",
+        "warren_pool_target{",
+        "warren_sessions{state=\"running\"}",
+        "warren_sessions_ended_total{reason=\"deleted\"} 1",
+        "warren_boot_seconds_bucket",
+        "warren_handout_seconds_bucket{le=",
+        "warren_metered_cpu_seconds_total",
+        "warren_metered_memory_gib_seconds_total",
+        "warren_scrubbed_bytes_total",
+        &format!("warren_backend_info{{backend=\"{}\"", b.name()),
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+    let raw = unix_get(&a.runtime_dir().join("agentd.sock"), "/healthz");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains("\"status\":\"ok\""), "{raw}");
+});
+
+both_backends!(sigterm_drains_and_systemd_hears_ready_and_stopping, |b: Backend| {
+    let mut a = Agentd::start(b, 1);
+    a.stop();
+    let notify = a.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    a.spawn(&[("NOTIFY_SOCKET", notify.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    a.wait_pool(1);
+    let s = a.create_session();
+    let st = a.stop();
+    assert!(st.success(), "agentd exited with {st}:\n{}", a.log());
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    // Drained: the session ended with its scrub, nothing left behind.
+    let store = rusqlite_free_check(&a);
+    assert!(store.contains(s["id"].as_str().unwrap()));
+    assert!(
+        entries(&a.guests_dir()).is_empty(),
+        "left: {:?}",
+        entries(&a.guests_dir())
+    );
+    assert!(!a.runtime_dir().join("agentd.sock").exists());
+    a.spawn(&[]);
+    let v = a.session(s["id"].as_str().unwrap());
+    assert_eq!(v["end_reason"], "drain", "{v}");
+    assert!(v["scrub"]["bytes"].is_u64(), "{v}");
+});
+
+/// The database file exists and mentions the session (read as bytes: the
+/// test does not link SQLite).
+fn rusqlite_free_check(a: &Agentd) -> String {
+    let mut all = Vec::new();
+    for f in ["agentd.sqlite", "agentd.sqlite-wal"] {
+        all.extend(std::fs::read(a.dir.path().join("data").join(f)).unwrap_or_default());
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}

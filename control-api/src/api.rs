@@ -1,0 +1,243 @@
+//! Request and response bodies of the node routes.
+//!
+//! Requests refuse unknown fields, so a typo (`memory_mb`) is a 400 naming
+//! the field rather than a silently ignored setting. Times are Unix
+//! milliseconds; durations say their unit in their name.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/sessions`. Absent fields take the node's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    /// Image name (default: the node's default image, `base`).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Guest memory.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Seconds without a request after which the session ends (default 900).
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Seconds after which the session ends whatever it does (default 28,800).
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Bound to a guest and serving.
+    Running,
+    /// Being torn down.
+    Ending,
+    /// Over; kept with its metering.
+    Ended,
+}
+
+impl SessionState {
+    /// The name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Running => "running",
+            SessionState::Ending => "ending",
+            SessionState::Ended => "ended",
+        }
+    }
+}
+
+/// What a session used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metering {
+    /// On-CPU nanoseconds (every VMM thread, or the sandbox's cgroup).
+    pub cpu_ns: u64,
+    /// Resident guest memory integrated over the session's life.
+    pub memory_gib_s: f64,
+    /// Resident memory at the last sample.
+    pub memory_bytes: u64,
+}
+
+/// The teardown's wipe of what the guest left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scrub {
+    /// Bytes overwritten.
+    pub bytes: u64,
+    /// Time it took.
+    pub ns: u64,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Session id.
+    pub id: String,
+    /// State.
+    pub state: SessionState,
+    /// `microvm` or `namespace`.
+    pub backend: String,
+    /// The isolation boundary in words (`namespace` says it is weaker).
+    pub isolation: String,
+    /// Image.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_mib: u32,
+    /// Idle timeout.
+    pub idle_timeout_s: u64,
+    /// Maximum life.
+    pub max_lifetime_s: u64,
+    /// Created (Unix ms).
+    pub created_at_ms: u64,
+    /// Last request (Unix ms).
+    pub last_active_ms: u64,
+    /// Ended (Unix ms).
+    pub ended_at_ms: Option<u64>,
+    /// Why it ended: `deleted`, `idle_timeout`, `max_lifetime`,
+    /// `vmm_crashed`, `agentd_restart`, `drain`, `guest_lost`.
+    pub end_reason: Option<String>,
+    /// What it used (live while running, final once ended).
+    pub metering: Metering,
+    /// The teardown's wipe, once ended.
+    pub scrub: Option<Scrub>,
+    /// Request in → guest bound, for this session's handout.
+    pub handout_ms: f64,
+    /// Whether the guest came from the warm pool or was booted on demand.
+    pub from_pool: bool,
+    /// Spawn → hello of a guest booted on demand for this session (0 when
+    /// it came from the pool).
+    pub boot_ms: f64,
+    /// The guest's id (its directory under the runtime dir).
+    pub guest_id: String,
+    /// The host process of the guest (`vmm`, or the sandbox launcher).
+    pub guest_pid: u32,
+}
+
+/// `POST /v1/sessions/{id}/exec` (and `/exec/stream`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input (UTF-8 text).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill the command after this many seconds.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// The result of a finished command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, when one killed it.
+    pub signal: Option<i32>,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// How long it ran, as the guest measured.
+    pub duration_ms: f64,
+}
+
+/// One line of a streamed exec (`application/x-ndjson`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// The process started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// Output on standard output.
+    Stdout {
+        /// The bytes (invalid UTF-8 replaced).
+        data: String,
+    },
+    /// Output on standard error.
+    Stderr {
+        /// The bytes (invalid UTF-8 replaced).
+        data: String,
+    },
+    /// The process ended; always the last event of a successful stream.
+    Exit {
+        /// Exit code.
+        exit_code: Option<i32>,
+        /// Signal.
+        signal: Option<i32>,
+        /// Killed by its timeout.
+        timed_out: bool,
+        /// Run time.
+        duration_ms: f64,
+    },
+    /// The exec failed after the stream began (guest lost, session ended).
+    Error {
+        /// Error code.
+        code: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Where the time of one guest round trip went, for `Server-Timing`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestTiming {
+    /// Request written to the guest's socket → final reply read.
+    pub guest_ns: u64,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `draining`.
+    pub status: String,
+    /// The backend new sessions get.
+    pub backend: String,
+    /// The isolation boundary in words.
+    pub isolation: String,
+    /// Running sessions.
+    pub sessions_running: u64,
+    /// Ready guests across pools.
+    pub pool_ready: u64,
+    /// agentd version.
+    pub version: String,
+}
+
+/// `GET /v1/pools`: one pool key's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    /// Image.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_mib: u32,
+    /// Backend.
+    pub backend: String,
+    /// Ready guests wanted.
+    pub target: u32,
+    /// Ready guests now.
+    pub ready: u32,
+    /// Guests booting now.
+    pub booting: u32,
+    /// Boots that failed since start.
+    pub boot_failures: u64,
+    /// The last boot failure, if any.
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,40 @@
+//! What the routes need from the daemon behind them.
+
+use std::future::Future;
+
+use tokio::sync::mpsc;
+
+use crate::api::*;
+use crate::ApiError;
+
+/// The node the API serves: agentd implements it; the HTTP layer only maps
+/// requests to these calls and their results to responses.
+pub trait Node: Send + Sync + 'static {
+    /// Binds a ready guest to a new session.
+    fn create_session(&self, req: CreateSession) -> impl Future<Output = Result<SessionInfo, ApiError>> + Send;
+    /// Every session, running and ended, newest first.
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>, ApiError>;
+    /// One session.
+    fn get_session(&self, id: &str) -> Result<SessionInfo, ApiError>;
+    /// Ends a session and returns its final record.
+    fn delete_session(&self, id: String) -> impl Future<Output = Result<SessionInfo, ApiError>> + Send;
+    /// Runs a command to completion.
+    fn exec(
+        &self,
+        id: String,
+        req: ExecBody,
+    ) -> impl Future<Output = Result<(ExecResult, GuestTiming), ApiError>> + Send;
+    /// Runs a command, streaming its events; the channel ends after `Exit`
+    /// or `Error`.
+    fn exec_stream(
+        &self,
+        id: String,
+        req: ExecBody,
+    ) -> impl Future<Output = Result<mpsc::Receiver<ExecEvent>, ApiError>> + Send;
+    /// Liveness and the node's backend.
+    fn health(&self) -> Health;
+    /// Pool state per key.
+    fn pools(&self) -> Vec<PoolInfo>;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
