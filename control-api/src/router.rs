@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -157,6 +157,11 @@ pub fn error_response(e: &ApiError) -> Response<ResponseBody> {
     if let Some(s) = e.retry_after_s {
         r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
     }
+    if e.status == 413 {
+        // The rest of the body was never read: the connection cannot carry
+        // another request, and the client must know not to reuse it.
+        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 
@@ -193,4 +198,58 @@ fn ndjson_stream(mut events: tokio::sync::mpsc::Receiver<ExecEvent>) -> Response
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_checked_before_use() {
+        assert!(check_id("ses-0123abcd").is_ok());
+        for bad in ["", "a/b", "a b", "ä", &"x".repeat(65)] {
+            let e = check_id(bad).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains("malformed"), "{e}");
+        }
+    }
+
+    #[test]
+    fn exec_bodies_are_validated() {
+        let ok = ExecBody {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        assert!(check_exec(&ok).is_ok());
+        for (body, needle) in [
+            (ExecBody::default(), "argv"),
+            (
+                ExecBody {
+                    timeout_s: Some(f64::NAN),
+                    ..ok.clone()
+                },
+                "timeout_s",
+            ),
+            (
+                ExecBody {
+                    argv: vec!["a\0b".into()],
+                    ..ok.clone()
+                },
+                "NUL",
+            ),
+        ] {
+            let e = check_exec(&body).unwrap_err();
+            assert!(e.message.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn errors_render_as_json_with_status_and_retry_after() {
+        let r = error_response(&ApiError::capacity("full", 7));
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "7");
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&ApiError::not_found("no x").to_json()).unwrap();
+        assert_eq!(v, serde_json::json!({"code": "not_found", "message": "no x"}));
+    }
 }
