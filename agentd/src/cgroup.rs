@@ -192,17 +192,9 @@ impl Cgroups {
                 cpu,
                 pids,
                 freezer,
-            } => [
-                Some(cpuacct),
-                Some(memory),
-                cpu.as_ref(),
-                pids.as_ref(),
-                freezer.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(|h| h.join(PARENT))
-            .collect(),
+            } => v1_dirs(cpuacct, memory, cpu, pids, freezer)
+                .map(|h| h.join(PARENT))
+                .collect(),
         }
     }
 
@@ -315,6 +307,26 @@ fn read_file(path: &Path) -> Result<String, CgroupError> {
     fs::read_to_string(path).map_err(io_err("cannot read", path))
 }
 
+/// The v1 hierarchies in use, in a fixed order: the mandatory two, then
+/// the optional ones that exist.
+fn v1_dirs<'a>(
+    cpuacct: &'a PathBuf,
+    memory: &'a PathBuf,
+    cpu: &'a Option<PathBuf>,
+    pids: &'a Option<PathBuf>,
+    freezer: &'a Option<PathBuf>,
+) -> impl Iterator<Item = &'a PathBuf> {
+    [
+        Some(cpuacct),
+        Some(memory),
+        cpu.as_ref(),
+        pids.as_ref(),
+        freezer.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     V2 {
@@ -352,17 +364,7 @@ impl SessionCgroup {
                 cpu,
                 pids,
                 freezer,
-            } => [
-                Some(cpuacct),
-                Some(memory),
-                cpu.as_ref(),
-                pids.as_ref(),
-                freezer.as_ref(),
-            ]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect(),
+            } => v1_dirs(cpuacct, memory, cpu, pids, freezer).cloned().collect(),
         }
     }
 

@@ -39,6 +39,11 @@ pub fn recover(store: &Store, runtime_dir: &Path, sandbox_cfg: &SandboxConfig) -
     let mut report = RecoveryReport::default();
     let mut seen = BTreeSet::new();
     let cgroups = Cgroups::detect().ok();
+    let cleaner = Cleaner {
+        runtime_dir,
+        sandbox_cfg,
+        cgroups: cgroups.as_ref(),
+    };
     for g in store.guests()? {
         seen.insert(g.id.clone());
         if g.pid > 0
@@ -47,15 +52,7 @@ pub fn recover(store: &Store, runtime_dir: &Path, sandbox_cfg: &SandboxConfig) -
         {
             report.processes_killed += 1;
         }
-        clean_guest(
-            &g.backend,
-            &g.id,
-            &g.dir,
-            runtime_dir,
-            sandbox_cfg,
-            cgroups.as_ref(),
-            &mut report,
-        );
+        cleaner.clean(&g.backend, &g.id, &g.dir, &mut report);
         store.remove_guest(&g.id)?;
     }
     // Directories nobody recorded (a crash between spawn and record).
@@ -69,30 +66,14 @@ pub fn recover(store: &Store, runtime_dir: &Path, sandbox_cfg: &SandboxConfig) -
         .unwrap_or_default();
     for id in unrecorded_vms.into_iter().filter(|id| !seen.contains(id)) {
         let dir = vm_dir.join(&id);
-        clean_guest(
-            "microvm",
-            &id,
-            &dir,
-            runtime_dir,
-            sandbox_cfg,
-            cgroups.as_ref(),
-            &mut report,
-        );
+        cleaner.clean("microvm", &id, &dir, &mut report);
     }
     for id in sandbox::leftover_ids(sandbox_cfg)
         .into_iter()
         .filter(|id| !seen.contains(id))
     {
         let dir = runtime_dir.join("ns").join(&id);
-        clean_guest(
-            "namespace",
-            &id,
-            &dir,
-            runtime_dir,
-            sandbox_cfg,
-            cgroups.as_ref(),
-            &mut report,
-        );
+        cleaner.clean("namespace", &id, &dir, &mut report);
     }
     for mut s in store.unfinished_sessions()? {
         s.state = SessionState::Ended;
@@ -104,39 +85,41 @@ pub fn recover(store: &Store, runtime_dir: &Path, sandbox_cfg: &SandboxConfig) -
     Ok(report)
 }
 
-fn clean_guest(
-    backend: &str,
-    id: &str,
-    dir: &Path,
-    runtime_dir: &Path,
-    sandbox_cfg: &SandboxConfig,
-    cgroups: Option<&Cgroups>,
-    report: &mut RecoveryReport,
-) {
-    // Only ever touch what lies under our runtime directory.
-    if !dir.starts_with(runtime_dir) {
-        report.errors.push(format!(
-            "guest {id}: {} is outside {}; left alone",
-            dir.display(),
-            runtime_dir.display()
-        ));
-        return;
-    }
-    report.processes_killed += kill_processes_using(dir);
-    let result = match (backend, cgroups) {
-        ("namespace", Some(cg)) => sandbox::clean_leftover(sandbox_cfg, cg, id)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-        ("namespace", None) => Err("no cgroups to clean a sandbox with".to_string()),
-        _ => match std::fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("removing {}: {e}", dir.display())),
-        },
-    };
-    match result {
-        Ok(()) => report.guests_cleaned += 1,
-        Err(e) => report.errors.push(format!("guest {id}: {e}")),
+/// What cleaning one guest needs to know.
+struct Cleaner<'a> {
+    runtime_dir: &'a Path,
+    sandbox_cfg: &'a SandboxConfig,
+    cgroups: Option<&'a Cgroups>,
+}
+
+impl Cleaner<'_> {
+    fn clean(&self, backend: &str, id: &str, dir: &Path, report: &mut RecoveryReport) {
+        let (runtime_dir, sandbox_cfg, cgroups) = (self.runtime_dir, self.sandbox_cfg, self.cgroups);
+        // Only ever touch what lies under our runtime directory.
+        if !dir.starts_with(runtime_dir) {
+            report.errors.push(format!(
+                "guest {id}: {} is outside {}; left alone",
+                dir.display(),
+                runtime_dir.display()
+            ));
+            return;
+        }
+        report.processes_killed += kill_processes_using(dir);
+        let result = match (backend, cgroups) {
+            ("namespace", Some(cg)) => sandbox::clean_leftover(sandbox_cfg, cg, id)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            ("namespace", None) => Err("no cgroups to clean a sandbox with".to_string()),
+            _ => match std::fs::remove_dir_all(dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("removing {}: {e}", dir.display())),
+            },
+        };
+        match result {
+            Ok(()) => report.guests_cleaned += 1,
+            Err(e) => report.errors.push(format!("guest {id}: {e}")),
+        }
     }
 }
 

@@ -7,8 +7,8 @@ use control_api::ApiError;
 use tokio::sync::mpsc;
 use warren_protocol::{ErrorKind, ExecRequest, ExitStatus, Reply, Request, Stream};
 
-use crate::guest_conn::ConnError;
-use crate::session::Session;
+use crate::guest_conn::{ConnError, Replies};
+use crate::session::{BusyGuard, Session};
 
 fn request(body: ExecBody) -> Request {
     Request::Exec(ExecRequest {
@@ -48,16 +48,22 @@ fn exit_event(st: ExitStatus) -> ExecEvent {
     }
 }
 
-/// Runs a command to completion.
-pub(super) async fn run(s: &Arc<Session>, body: ExecBody) -> Result<(ExecResult, GuestTiming), ApiError> {
+/// Sends the exec, counted as a request in flight until the guard drops.
+async fn start(s: &Arc<Session>, body: ExecBody) -> Result<(String, BusyGuard, Replies), ApiError> {
     let id = s.snapshot().id;
-    let _busy = s.busy_guard();
-    let mut replies = s
+    let busy = s.busy_guard();
+    let replies = s
         .guest
         .conn
         .send(request(body))
         .await
         .map_err(|e| guest_error(&id, e))?;
+    Ok((id, busy, replies))
+}
+
+/// Runs a command to completion.
+pub(super) async fn run(s: &Arc<Session>, body: ExecBody) -> Result<(ExecResult, GuestTiming), ApiError> {
+    let (id, _busy, mut replies) = start(s, body).await?;
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     loop {
         let (reply, at) = replies.next().await.map_err(|e| guest_error(&id, e))?;
@@ -91,14 +97,7 @@ pub(super) async fn run(s: &Arc<Session>, body: ExecBody) -> Result<(ExecResult,
 /// Runs a command, forwarding its events as they come. If the client goes
 /// away mid-stream the command is killed: nobody is left to read it.
 pub(super) async fn stream(s: Arc<Session>, body: ExecBody) -> Result<mpsc::Receiver<ExecEvent>, ApiError> {
-    let id = s.snapshot().id;
-    let busy = s.busy_guard();
-    let mut replies = s
-        .guest
-        .conn
-        .send(request(body))
-        .await
-        .map_err(|e| guest_error(&id, e))?;
+    let (id, busy, mut replies) = start(&s, body).await?;
     let (tx, rx) = mpsc::channel(32);
     tokio::spawn(async move {
         let _busy = busy;
