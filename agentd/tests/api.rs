@@ -548,3 +548,119 @@ fn rusqlite_free_check(a: &Agentd) -> String {
     }
     String::from_utf8_lossy(&all).into_owned()
 }
+
+both_backends!(random_bodies_and_paths_never_crash_agentd, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let s = a.create_session();
+    let id = s["id"].as_str().unwrap().to_string();
+    let paths = [
+        "/v1/sessions".to_string(),
+        format!("/v1/sessions/{id}/exec"),
+        format!("/v1/sessions/{id}/exec/stream"),
+    ];
+    // Deterministic xorshift: the same 300 inputs every run.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let fragments = [
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"argv\"",
+        ":",
+        ",",
+        "null",
+        "1e999",
+        "\"\\u0000\"",
+        "-1",
+        "true",
+        "\"image\"",
+    ];
+    for i in 0..300 {
+        let len = (next() % 64) as usize;
+        let body: String = if i % 2 == 0 {
+            (0..len)
+                .map(|_| fragments[(next() % fragments.len() as u64) as usize])
+                .collect()
+        } else {
+            (0..len).map(|_| char::from((next() % 95) as u8 + 32)).collect()
+        };
+        let path = &paths[(next() % 3) as usize];
+        let (st, v) = a.request("POST", path, Some(&body));
+        assert!(
+            (400..500).contains(&st) || st == 200 || st == 201,
+            "POST {path} {body:?} → {st} {v}"
+        );
+        if st == 201 {
+            a.delete(v["id"].as_str().unwrap());
+        }
+    }
+    let (st, _) = a.request("GET", "/healthz", None);
+    assert_eq!(st, 200);
+    assert_eq!(a.exec(&id, &b.echo("alive"))["stdout"], "alive\n");
+});
+
+both_backends!(agentctl_drives_every_node_route, |b: Backend| {
+    let a = Agentd::start(b, 1);
+    a.wait_pool(1);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+            .arg("--url")
+            .arg(&a.base)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = ctl(&["health"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(b.name()) && out.contains(": ok;"), "{out}");
+    let (code, out, _) = ctl(&["pools"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("READY") && out.contains(b.image()), "{out}");
+    let (code, out, _) = ctl(&["--json", "session", "create"]);
+    assert_eq!(code, 0);
+    let s: Value = serde_json::from_str(&out).unwrap();
+    let id = s["id"].as_str().unwrap();
+    let (code, out, _) = ctl(&["exec", id, "--", "echo", "from agentctl"]);
+    assert_eq!((code, out.as_str()), (0, "from agentctl\n"));
+    let (code, out, _) = ctl(&["exec", "--stream", id, "--", "echo", "streamed"]);
+    assert_eq!((code, out.as_str()), (0, "streamed\n"));
+    if b == Backend::Namespace {
+        // The command's exit code is agentctl's.
+        let (code, _, _) = ctl(&["exec", id, "--", "sh", "-c", "exit 7"]);
+        assert_eq!(code, 7);
+    }
+    let (code, out, _) = ctl(&["session", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains(id) && out.contains("running"), "{out}");
+    let (code, out, _) = ctl(&["session", "delete", id]);
+    assert_eq!(code, 0);
+    assert!(out.contains("deleted") && out.contains("scrub"), "{out}");
+    let (code, _, err) = ctl(&["session", "get", "ses-nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404 Not Found not_found: no session ses-nope"), "{err}");
+    let (code, out, _) = ctl(&["metrics"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("warren_sessions_ended_total"));
+    // Over the Unix socket too.
+    let sock = a.runtime_dir().join("agentd.sock");
+    let (code, out, _) = ctl(&["--socket", sock.to_str().unwrap(), "health"]);
+    assert_eq!(code, 0, "{out}");
+    // And a clear message when nothing listens.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentctl"))
+        .args(["--url", "http://127.0.0.1:1", "health"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach agentd at http://127.0.0.1:1"));
+});

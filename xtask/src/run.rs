@@ -251,8 +251,10 @@ fn agentd_session(cache: &Cache, agentd: &std::path::Path, args: &RunArgs) -> Re
         return Ok(());
     }
     println!(
-        "\nagentd keeps serving {API}. Try:\n  curl -s -X POST {API}/v1/sessions -d '{{}}'\n  curl -s {API}/v1/sessions\n  \
-         curl -s {API}/metrics\nCtrl-C stops it (it drains: ends the sessions and wipes them). `cargo xtask test` runs every test."
+        "\nagentd keeps serving {API}. Try, from another terminal:\n  {ctl} session create\n  {ctl} exec SESSION_ID -- uname -a\n  \
+         {ctl} session list\n  {ctl} pools\n  curl -s {API}/metrics\nCtrl-C stops it (it drains: ends the sessions and wipes them). \
+         `cargo xtask test` runs every test.",
+        ctl = agentd.with_file_name("agentctl").display()
     );
     let status = daemon.0.wait()?;
     std::mem::forget(daemon);
