@@ -13,6 +13,7 @@ use crate::backend::{pid_start_time, Backends, Guest, PoolKey};
 use crate::config::{BackendKind, Config};
 use crate::metrics::{BackendLabels, HandoutLabels, Metrics, PoolLabels, ReasonLabel, StateLabel};
 use crate::pool::Pool;
+use crate::runtimes;
 use crate::session::{now_ms, Session};
 use crate::store::{GuestRecord, Store};
 
@@ -442,11 +443,60 @@ impl Daemon {
         ))
     }
 
+    /// A session of a runtime takes every setting from the version its
+    /// endpoint serves.
+    fn runtime_request(&self, req: CreateSession) -> Result<(CreateSession, Option<RuntimeVersion>), ApiError> {
+        let Some(name) = req.runtime.clone() else {
+            if req.endpoint.is_some() {
+                return Err(ApiError::bad_request("endpoint needs runtime"));
+            }
+            return Ok((req, None));
+        };
+        if req.image.is_some()
+            || req.vcpus.is_some()
+            || req.memory_mib.is_some()
+            || req.idle_timeout_s.is_some()
+            || req.max_lifetime_s.is_some()
+        {
+            return Err(ApiError::bad_request(format!(
+                "a session of runtime {name} takes image, vcpus, memory_mib and timeouts from the runtime's version: leave them out"
+            )));
+        }
+        let endpoint = req.endpoint.as_deref().unwrap_or(runtimes::DEFAULT_ENDPOINT);
+        let v = runtimes::resolve(&self.inner.store, &name, endpoint)?;
+        let req = CreateSession {
+            image: Some(v.image.clone()),
+            vcpus: Some(v.vcpus),
+            memory_mib: Some(v.memory_mib),
+            idle_timeout_s: Some(v.idle_timeout_s),
+            max_lifetime_s: Some(v.max_lifetime_s),
+            runtime: None,
+            endpoint: None,
+        };
+        Ok((req, Some(v)))
+    }
+
+    /// Resolves a runtime spec against the node's defaults and limits.
+    fn resolve_spec(&self, runtime: &str, version: u32, spec: RuntimeSpec) -> Result<RuntimeVersion, ApiError> {
+        runtimes::check_env(&spec.env)?;
+        let (key, idle, life) = self.key_for(&CreateSession {
+            image: spec.image,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            idle_timeout_s: spec.idle_timeout_s,
+            max_lifetime_s: spec.max_lifetime_s,
+            runtime: None,
+            endpoint: None,
+        })?;
+        Ok(runtimes::version_record(runtime, version, &key, spec.env, idle, life))
+    }
+
     async fn create(&self, req: CreateSession) -> Result<SessionInfo, ApiError> {
         let started = Instant::now();
         if self.inner.draining.load(Ordering::Acquire) {
             return Err(ApiError::unavailable("agentd is draining: no new sessions"));
         }
+        let (req, runtime) = self.runtime_request(req)?;
         let (key, idle_timeout_s, max_lifetime_s) = self.key_for(&req)?;
         let pool = self.inner.pools.iter().find(|p| p.key == key).cloned();
         let (taken, dead) = match &pool {
@@ -509,6 +559,8 @@ impl Daemon {
             },
             guest_id: guest.id.clone(),
             guest_pid: guest.pid,
+            runtime: runtime.as_ref().map(|v| v.runtime.clone()),
+            runtime_version: runtime.as_ref().map(|v| v.version),
         };
         let session = Arc::new(Session::new(info, guest.clone()));
         session.sample();
@@ -620,6 +672,56 @@ impl control_api::Node for Daemon {
     async fn exec_stream(&self, id: String, req: ExecBody) -> Result<tokio::sync::mpsc::Receiver<ExecEvent>, ApiError> {
         let s = self.running(&id)?;
         exec::stream(s, req).await
+    }
+
+    fn create_runtime(&self, req: CreateRuntime) -> Result<RuntimeInfo, ApiError> {
+        runtimes::check_name("runtime", &req.name)?;
+        let first = self.resolve_spec(&req.name, 1, req.spec())?;
+        runtimes::create(&self.inner.store, &req.name, &first)
+    }
+
+    fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>, ApiError> {
+        runtimes::list(&self.inner.store)
+    }
+
+    fn get_runtime(&self, name: &str) -> Result<RuntimeInfo, ApiError> {
+        runtimes::get(&self.inner.store, name)
+    }
+
+    fn add_runtime_version(&self, name: &str, spec: RuntimeSpec) -> Result<RuntimeVersion, ApiError> {
+        // Validate before taking a number, so a bad spec consumes none.
+        let checked = self.resolve_spec(name, 0, spec)?;
+        runtimes::add_version(&self.inner.store, name, |n| RuntimeVersion { version: n, ..checked })
+    }
+
+    fn runtime_versions(&self, name: &str) -> Result<Vec<RuntimeVersion>, ApiError> {
+        runtimes::versions(&self.inner.store, name)
+    }
+
+    fn pin_endpoint(&self, name: &str, endpoint: &str, version: u32) -> Result<RuntimeInfo, ApiError> {
+        runtimes::pin(&self.inner.store, name, endpoint, version)
+    }
+
+    async fn delete_runtime(&self, name: String, force: bool) -> Result<RuntimeInfo, ApiError> {
+        runtimes::get(&self.inner.store, &name)?;
+        let running: Vec<String> = self
+            .sessions_snapshot()
+            .iter()
+            .map(|s| s.snapshot())
+            .filter(|i| i.runtime.as_deref() == Some(name.as_str()) && i.state == SessionState::Running)
+            .map(|i| i.id)
+            .collect();
+        if !running.is_empty() && !force {
+            return Err(ApiError::conflict(format!(
+                "runtime {name} has {} running session(s) ({}); DELETE with ?force=true ends them",
+                running.len(),
+                running.join(", ")
+            )));
+        }
+        for id in running {
+            self.end_session(&id, "runtime_deleted").await?;
+        }
+        runtimes::delete(&self.inner.store, &name)
     }
 
     fn health(&self) -> Health {

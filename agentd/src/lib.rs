@@ -16,6 +16,7 @@ pub mod meter;
 pub mod metrics;
 pub mod pool;
 pub mod recovery;
+pub mod runtimes;
 pub mod sandbox;
 pub mod session;
 pub mod store;

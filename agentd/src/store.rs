@@ -72,6 +72,7 @@ impl Store {
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
+             PRAGMA foreign_keys = ON;
              CREATE TABLE IF NOT EXISTS sessions (
                  id TEXT PRIMARY KEY,
                  state TEXT NOT NULL,
@@ -86,6 +87,22 @@ impl Store {
                  pid_start INTEGER NOT NULL,
                  dir TEXT NOT NULL,
                  session_id TEXT
+             );
+             CREATE TABLE IF NOT EXISTS runtimes (
+                 name TEXT PRIMARY KEY,
+                 created_at_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS runtime_versions (
+                 name TEXT NOT NULL REFERENCES runtimes (name) ON DELETE CASCADE,
+                 version INTEGER NOT NULL,
+                 record TEXT NOT NULL,
+                 PRIMARY KEY (name, version)
+             );
+             CREATE TABLE IF NOT EXISTS runtime_endpoints (
+                 name TEXT NOT NULL REFERENCES runtimes (name) ON DELETE CASCADE,
+                 endpoint TEXT NOT NULL,
+                 version INTEGER NOT NULL,
+                 PRIMARY KEY (name, endpoint)
              );",
         )
         .map_err(err)?;
@@ -100,7 +117,7 @@ impl Store {
         &self.path
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
@@ -238,6 +255,8 @@ mod tests {
             boot_ms: 0.0,
             guest_id: "g1".into(),
             guest_pid: 42,
+            runtime: None,
+            runtime_version: None,
         }
     }
 

@@ -664,3 +664,84 @@ both_backends!(agentctl_drives_every_node_route, |b: Backend| {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach agentd at http://127.0.0.1:1"));
 });
+
+both_backends!(runtimes_versions_endpoints_and_their_sessions, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let post = |path: &str, body: Value| a.request("POST", path, Some(&body.to_string()));
+    let (st, r) = post(
+        "/v1/runtimes",
+        json!({"name": "helper", "memory_mib": 96, "env": {"MODE": "one"}}),
+    );
+    assert_eq!(st, 201, "{r}");
+    assert_eq!(r["latest_version"], 1);
+    assert_eq!(r["endpoints"]["DEFAULT"], 1);
+    let (st, e) = post("/v1/runtimes", json!({"name": "helper"}));
+    assert_eq!(st, 409, "{e}");
+    for (body, want, needle) in [
+        (json!({"name": "9lives"}), 400, "malformed"),
+        (json!({"name": "x", "memory": 5}), 400, "memory"),
+        (json!({"name": "y", "image": "nope"}), 404, "nope"),
+        (json!({"name": "z", "env": {"A=B": "c"}}), 400, "env"),
+    ] {
+        let (st, e) = post("/v1/runtimes", body.clone());
+        assert_eq!(st, want, "{body}: {e}");
+        assert!(e["message"].as_str().unwrap().contains(needle), "{e}");
+    }
+    let (st, v2) = post("/v1/runtimes/helper/versions", json!({"memory_mib": 112}));
+    assert_eq!(st, 201, "{v2}");
+    assert_eq!(v2["version"], 2);
+    let (st, e) = post("/v1/runtimes/helper/versions", json!({"vcpus": 99}));
+    assert_eq!(st, 400, "{e}");
+    let (_, vs) = a.request("GET", "/v1/runtimes/helper/versions", None);
+    let vs = vs.as_array().unwrap();
+    assert_eq!(vs.len(), 2, "a refused version takes no number: {vs:?}");
+    assert_eq!(
+        (vs[0]["memory_mib"].as_u64(), vs[1]["memory_mib"].as_u64()),
+        (Some(96), Some(112))
+    );
+    // Pin a named endpoint to v1 (roll back), DEFAULT follows the latest.
+    let (st, r) = a.request("PUT", "/v1/runtimes/helper/endpoints/prod", Some(r#"{"version": 1}"#));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["endpoints"], json!({"DEFAULT": 2, "prod": 1}));
+    let (st, e) = a.request("PUT", "/v1/runtimes/helper/endpoints/prod", Some(r#"{"version": 3}"#));
+    assert_eq!(st, 404, "{e}");
+    let (st, e) = a.request(
+        "PUT",
+        "/v1/runtimes/helper/endpoints/DEFAULT",
+        Some(r#"{"version": 1}"#),
+    );
+    assert_eq!(st, 409, "{e}");
+    let (st, e) = a.request("GET", "/v1/runtimes/ghost", None);
+    assert_eq!(st, 404, "{e}");
+    // Sessions of a runtime take its version's settings.
+    let (st, s1) = post("/v1/sessions", json!({"runtime": "helper", "endpoint": "prod"}));
+    assert_eq!(st, 201, "{s1}");
+    assert_eq!(
+        (s1["runtime_version"].as_u64(), s1["memory_mib"].as_u64()),
+        (Some(1), Some(96))
+    );
+    let (st, s2) = post("/v1/sessions", json!({"runtime": "helper"}));
+    assert_eq!(st, 201, "{s2}");
+    assert_eq!(
+        (s2["runtime_version"].as_u64(), s2["memory_mib"].as_u64()),
+        (Some(2), Some(112))
+    );
+    let (st, e) = post("/v1/sessions", json!({"runtime": "helper", "endpoint": "staging"}));
+    assert_eq!(st, 404, "{e}");
+    let (st, e) = post("/v1/sessions", json!({"runtime": "helper", "vcpus": 2}));
+    assert_eq!(st, 400, "{e}");
+    // Deleting refuses while its sessions run, unless forced.
+    let (st, e) = a.request("DELETE", "/v1/runtimes/helper", None);
+    assert_eq!(st, 409, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("force"), "{e}");
+    let (st, _) = a.request("DELETE", "/v1/runtimes/helper?force=true", None);
+    assert_eq!(st, 200);
+    for s in [&s1, &s2] {
+        let v = a.session(s["id"].as_str().unwrap());
+        assert_eq!(v["end_reason"], "runtime_deleted", "{v}");
+    }
+    let (st, _) = a.request("GET", "/v1/runtimes/helper", None);
+    assert_eq!(st, 404);
+    let (_, l) = a.request("GET", "/v1/runtimes", None);
+    assert_eq!(l, json!([]));
+});

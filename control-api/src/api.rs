@@ -27,6 +27,13 @@ pub struct CreateSession {
     /// Seconds after which the session ends whatever it does (default 28,800).
     #[serde(default)]
     pub max_lifetime_s: Option<u64>,
+    /// Run a runtime's version instead: its spec gives every field above
+    /// (which must then be left out).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// The runtime's endpoint (default `DEFAULT`, the latest version).
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// Where a session is in its life.
@@ -117,6 +124,12 @@ pub struct SessionInfo {
     pub guest_id: String,
     /// The host process of the guest (`vmm`, or the sandbox launcher).
     pub guest_pid: u32,
+    /// The runtime and version it runs, if it was made from one.
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// The runtime version.
+    #[serde(default)]
+    pub runtime_version: Option<u32>,
 }
 
 /// `POST /v1/sessions/{id}/exec` (and `/exec/stream`).
@@ -240,4 +253,112 @@ pub struct PoolInfo {
     pub boot_failures: u64,
     /// The last boot failure, if any.
     pub last_error: Option<String>,
+}
+
+/// What a runtime version runs: fixed once the version exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSpec {
+    /// Image (default: the node's default image).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// vCPUs per session.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory per session.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Environment of the agent.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Idle timeout of its sessions.
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Maximum life of its sessions.
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
+}
+
+/// `POST /v1/runtimes`: a name and the spec of version 1.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRuntime {
+    /// Runtime name: a letter, then up to 47 letters, digits, '-' or '_'.
+    pub name: String,
+    /// Image.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Idle timeout.
+    #[serde(default)]
+    pub idle_timeout_s: Option<u64>,
+    /// Maximum life.
+    #[serde(default)]
+    pub max_lifetime_s: Option<u64>,
+}
+
+impl CreateRuntime {
+    /// The spec part.
+    pub fn spec(&self) -> RuntimeSpec {
+        RuntimeSpec {
+            image: self.image.clone(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            env: self.env.clone(),
+            idle_timeout_s: self.idle_timeout_s,
+            max_lifetime_s: self.max_lifetime_s,
+        }
+    }
+}
+
+/// One immutable version of a runtime, with every default resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeVersion {
+    /// Runtime name.
+    pub runtime: String,
+    /// Version number, from 1.
+    pub version: u32,
+    /// Image.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_mib: u32,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Idle timeout.
+    pub idle_timeout_s: u64,
+    /// Maximum life.
+    pub max_lifetime_s: u64,
+    /// Created (Unix ms).
+    pub created_at_ms: u64,
+}
+
+/// A runtime with its endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// Name.
+    pub name: String,
+    /// Created (Unix ms).
+    pub created_at_ms: u64,
+    /// The newest version (what `DEFAULT` serves).
+    pub latest_version: u32,
+    /// Endpoint name → version; `DEFAULT` is always the latest.
+    pub endpoints: BTreeMap<String, u32>,
+}
+
+/// `PUT /v1/runtimes/{name}/endpoints/{endpoint}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinEndpoint {
+    /// The version the endpoint serves.
+    pub version: u32,
 }

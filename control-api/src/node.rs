@@ -31,6 +31,20 @@ pub trait Node: Send + Sync + 'static {
         id: String,
         req: ExecBody,
     ) -> impl Future<Output = Result<mpsc::Receiver<ExecEvent>, ApiError>> + Send;
+    /// Creates a runtime and its version 1.
+    fn create_runtime(&self, req: CreateRuntime) -> Result<RuntimeInfo, ApiError>;
+    /// Every runtime.
+    fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>, ApiError>;
+    /// One runtime.
+    fn get_runtime(&self, name: &str) -> Result<RuntimeInfo, ApiError>;
+    /// Adds an immutable version.
+    fn add_runtime_version(&self, name: &str, spec: RuntimeSpec) -> Result<RuntimeVersion, ApiError>;
+    /// Every version, oldest first.
+    fn runtime_versions(&self, name: &str) -> Result<Vec<RuntimeVersion>, ApiError>;
+    /// Points a named endpoint at a version.
+    fn pin_endpoint(&self, name: &str, endpoint: &str, version: u32) -> Result<RuntimeInfo, ApiError>;
+    /// Deletes a runtime (refused while its sessions run, unless `force`).
+    fn delete_runtime(&self, name: String, force: bool) -> impl Future<Output = Result<RuntimeInfo, ApiError>> + Send;
     /// Liveness and the node's backend.
     fn health(&self) -> Health;
     /// Pool state per key.
