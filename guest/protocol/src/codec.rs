@@ -169,6 +169,20 @@ mod tests {
                 len: 4096,
             },
             Request::ReadDisk { sector: 7, count: 8 },
+            Request::Http(HttpRequest {
+                port: 8080,
+                method: "POST".into(),
+                path: "/invocations".into(),
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: b"{}".to_vec(),
+                more_body: true,
+                timeout_ms: Some(30_000),
+            }),
+            Request::HttpBody {
+                request: 9,
+                data: vec![1; 300],
+                end: true,
+            },
         ]
     }
 
@@ -199,6 +213,13 @@ mod tests {
             }]),
             Reply::Done,
             Reply::Checksum(u64::MAX),
+            Reply::HttpHead {
+                status: 200,
+                headers: vec![("content-type".into(), "text/event-stream".into())],
+            },
+            Reply::HttpChunk {
+                data: b"data: 1\n\n".to_vec(),
+            },
         ];
         let mut frames: Vec<GuestFrame> = replies
             .into_iter()
@@ -258,7 +279,11 @@ mod tests {
         // check would misclassify frames.
         let last = encode_frame(&HostFrame {
             id: 0,
-            request: Request::ReadDisk { sector: 0, count: 0 },
+            request: Request::HttpBody {
+                request: 0,
+                data: Vec::new(),
+                end: false,
+            },
         })
         .unwrap();
         // id 0 is one varint byte; the tag follows.

@@ -106,12 +106,32 @@ pub enum Request {
         /// Sectors to read.
         count: u32,
     },
+    /// Sends an HTTP request to a server inside the guest on
+    /// `127.0.0.1:port` (the agent's own server: `POST /invocations`,
+    /// `GET /ping`). Answered with one [`Reply::HttpHead`], any number of
+    /// [`Reply::HttpChunk`] as the response body arrives, then
+    /// [`Reply::Done`]; an unreachable server is an [`ErrorKind::Io`]
+    /// error. When `more_body` is set the rest of the request body follows
+    /// in [`Request::HttpBody`] frames naming this request's id.
+    Http(HttpRequest),
+    /// The next piece of the body of the [`Request::Http`] with id
+    /// `request`; `end` marks the last one. Answered with [`Reply::Done`]
+    /// once the piece has been handed to the server, which is what paces
+    /// the host: it keeps only a few pieces unanswered.
+    HttpBody {
+        /// The `Http` request this body belongs to.
+        request: RequestId,
+        /// Up to [`crate::MAX_CHUNK`] bytes.
+        data: Vec<u8>,
+        /// No more body after this piece.
+        end: bool,
+    },
 }
 
 impl Request {
     /// Number of variants this build knows. A frame naming a variant index
     /// at or above it is an unknown request, not a malformed one.
-    pub const VARIANTS: u32 = 12;
+    pub const VARIANTS: u32 = 14;
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
@@ -128,8 +148,30 @@ impl Request {
             Request::TouchMemory { .. } => "touch_memory",
             Request::ChecksumMemory { .. } => "checksum_memory",
             Request::ReadDisk { .. } => "read_disk",
+            Request::Http(_) => "http",
+            Request::HttpBody { .. } => "http_body",
         }
     }
+}
+
+/// An HTTP request to a server inside the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// TCP port on the guest's loopback.
+    pub port: u16,
+    /// Method (`GET`, `POST`, …).
+    pub method: String,
+    /// Path and query (`/invocations`).
+    pub path: String,
+    /// Headers to send (the guest adds `Host`, and the framing headers
+    /// its HTTP client needs).
+    pub headers: Vec<(String, String)>,
+    /// The start of the body (all of it when `more_body` is false).
+    pub body: Vec<u8>,
+    /// More body follows in [`Request::HttpBody`] frames.
+    pub more_body: bool,
+    /// Give up when the server has not answered within this time.
+    pub timeout_ms: Option<u64>,
 }
 
 /// A command to run in the guest.
@@ -240,12 +282,29 @@ pub enum Reply {
     Done,
     /// Wrapping sum of the 64-bit words asked for (final).
     Checksum(u64),
+    /// The status and headers of an HTTP response (streamed; the body
+    /// follows as [`Reply::HttpChunk`]s, then [`Reply::Done`]).
+    HttpHead {
+        /// Status code.
+        status: u16,
+        /// Response headers (framing headers left out: the body arrives
+        /// already decoded).
+        headers: Vec<(String, String)>,
+    },
+    /// A piece of an HTTP response body, as the server sent it (streamed).
+    HttpChunk {
+        /// The bytes.
+        data: Vec<u8>,
+    },
 }
 
 impl Reply {
     /// True for the reply that ends a request.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Reply::ExecStarted { .. } | Reply::Output { .. })
+        !matches!(
+            self,
+            Reply::ExecStarted { .. } | Reply::Output { .. } | Reply::HttpHead { .. } | Reply::HttpChunk { .. }
+        )
     }
 }
 
