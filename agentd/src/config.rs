@@ -40,6 +40,9 @@ pub enum ConfigError {
     },
 }
 
+/// The sample agent server the initramfs ships (`guest/sample-agent`).
+pub const SAMPLE_AGENT: &str = "/usr/bin/warren-sample-agent";
+
 /// Which isolation backend new guests get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -159,6 +162,11 @@ pub struct ImageConfig {
     /// Extra kernel command line (microvm).
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// The image's agent server, started in a session's guest before its
+    /// first invocation (it must serve `GET /ping` and `POST /invocations`
+    /// on port 8080). None: the image starts its own, or has none.
+    #[serde(default)]
+    pub agent_command: Option<Vec<String>>,
 }
 
 /// One warm pool.
@@ -225,6 +233,7 @@ impl Default for Config {
                 kernel: Some(cache.join("vmlinux")),
                 initramfs: Some(cache.join("initramfs.cpio")),
                 cmdline: None,
+                agent_command: Some(vec![SAMPLE_AGENT.into()]),
             },
         );
         Config {

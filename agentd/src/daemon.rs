@@ -17,7 +17,9 @@ use crate::runtimes;
 use crate::session::{now_ms, Session};
 use crate::store::{GuestRecord, Store};
 
+pub(crate) mod code;
 mod exec;
+mod invoke;
 
 /// How often live metering is sampled and timeouts are checked.
 const TICK: Duration = Duration::from_millis(500);
@@ -40,6 +42,8 @@ struct Inner {
     draining: AtomicBool,
     /// Refill loops still running (drain waits for them to see it).
     refillers: AtomicU32,
+    /// (runtime, client session id) → session, for invocation affinity.
+    affinity: Mutex<HashMap<(String, String), String>>,
 }
 
 #[derive(Default)]
@@ -49,7 +53,7 @@ struct Reserved {
 }
 
 /// Random lowercase hex of `bytes` random bytes.
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     if getrandom::fill(&mut buf).is_err() {
         // No entropy source is a broken host; ids must still be unique.
@@ -100,6 +104,7 @@ impl Daemon {
                 sessions: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 refillers: AtomicU32::new(0),
+                affinity: Mutex::new(HashMap::new()),
             }),
         };
         for pool in &d.inner.pools {
@@ -405,6 +410,15 @@ impl Daemon {
         tracing::info!("drained");
     }
 
+    /// A running code-interpreter session.
+    fn code_session(&self, id: &str) -> Result<Arc<Session>, ApiError> {
+        let s = self.running(id)?;
+        if !s.code_interpreter.load(Ordering::Acquire) {
+            return Err(ApiError::not_found(format!("{id} is not a code-interpreter session")));
+        }
+        Ok(s)
+    }
+
     fn key_for(&self, req: &CreateSession) -> Result<(PoolKey, u64, u64), ApiError> {
         let d = &self.inner.cfg.sessions;
         let image = req.image.clone().unwrap_or_else(|| d.image.clone());
@@ -479,6 +493,11 @@ impl Daemon {
     /// Resolves a runtime spec against the node's defaults and limits.
     fn resolve_spec(&self, runtime: &str, version: u32, spec: RuntimeSpec) -> Result<RuntimeVersion, ApiError> {
         runtimes::check_env(&spec.env)?;
+        if let Some(c) = &spec.command {
+            if c.is_empty() || c[0].is_empty() || c.iter().any(|a| a.contains('\0')) {
+                return Err(ApiError::bad_request("command must name a program, without NUL bytes"));
+            }
+        }
         let (key, idle, life) = self.key_for(&CreateSession {
             image: spec.image,
             vcpus: spec.vcpus,
@@ -488,7 +507,16 @@ impl Daemon {
             runtime: None,
             endpoint: None,
         })?;
-        Ok(runtimes::version_record(runtime, version, &key, spec.env, idle, life))
+        let command = spec.command.or_else(|| {
+            self.inner
+                .cfg
+                .images
+                .get(&key.image)
+                .and_then(|i| i.agent_command.clone())
+        });
+        Ok(runtimes::version_record(
+            runtime, version, &key, spec.env, idle, life, command,
+        ))
     }
 
     async fn create(&self, req: CreateSession) -> Result<SessionInfo, ApiError> {
@@ -562,7 +590,7 @@ impl Daemon {
             runtime: runtime.as_ref().map(|v| v.runtime.clone()),
             runtime_version: runtime.as_ref().map(|v| v.version),
         };
-        let session = Arc::new(Session::new(info, guest.clone()));
+        let session = Arc::new(Session::new(info, guest.clone(), runtime));
         session.sample();
         self.inner
             .sessions
@@ -722,6 +750,115 @@ impl control_api::Node for Daemon {
             self.end_session(&id, "runtime_deleted").await?;
         }
         runtimes::delete(&self.inner.store, &name)
+    }
+
+    async fn create_code_session(&self, req: CreateCodeSession) -> Result<serde_json::Value, ApiError> {
+        let info = self
+            .create(CreateSession {
+                image: req.image,
+                max_lifetime_s: req.timeout_s,
+                ..Default::default()
+            })
+            .await?;
+        let s = self.running(&info.id)?;
+        s.code_interpreter.store(true, Ordering::Release);
+        code::prepare(&s).await;
+        Ok(serde_json::json!({
+            "session_id": info.id,
+            "workspace": code::WORKSPACE,
+            "session": s.snapshot(),
+        }))
+    }
+
+    async fn invoke_tool(&self, id: String, call: ToolCall) -> Result<serde_json::Value, ApiError> {
+        let s = self.code_session(&id)?;
+        code::invoke(&s, call).await
+    }
+
+    async fn invoke_tool_stream(
+        &self,
+        id: String,
+        call: ToolCall,
+    ) -> Result<tokio::sync::mpsc::Receiver<serde_json::Value>, ApiError> {
+        let s = self.code_session(&id)?;
+        match call.name.as_str() {
+            "executeCommand" | "executeCode" => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "{other} has no streaming variant: only executeCommand and executeCode stream"
+                )))
+            }
+        }
+        let (argv, timeout) = code::command_of(&call)?;
+        code::run_streaming(&s, argv, timeout).await
+    }
+
+    async fn delete_code_session(&self, id: String) -> Result<SessionInfo, ApiError> {
+        self.code_session(&id)?;
+        self.end_session(&id, "deleted").await
+    }
+
+    async fn invoke(&self, runtime: String, inv: Invocation) -> Result<InvocationResponse, ApiError> {
+        let endpoint = inv
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| runtimes::DEFAULT_ENDPOINT.into());
+        runtimes::check_name("endpoint", &endpoint)?;
+        runtimes::resolve(&self.inner.store, &runtime, &endpoint)?;
+        let client_sid = inv.session_id.clone().unwrap_or_else(|| {
+            let h = random_hex(16);
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        });
+        let key = (runtime.clone(), client_sid.clone());
+        let bound = self
+            .inner
+            .affinity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let session = match bound
+            .and_then(|id| self.live(&id))
+            .filter(|s| s.snapshot().state == SessionState::Running)
+        {
+            Some(s) => s,
+            None => {
+                let info = self
+                    .create(CreateSession {
+                        runtime: Some(runtime.clone()),
+                        endpoint: Some(endpoint.clone()),
+                        ..Default::default()
+                    })
+                    .await?;
+                let winner = {
+                    let mut map = self.inner.affinity.lock().unwrap_or_else(|p| p.into_inner());
+                    match map.get(&key).and_then(|id| self.live(id)) {
+                        // Another first invocation with this id won the race.
+                        Some(other) if other.snapshot().state == SessionState::Running => Some(other),
+                        _ => {
+                            map.insert(key.clone(), info.id.clone());
+                            None
+                        }
+                    }
+                };
+                match winner {
+                    Some(other) => {
+                        let _ = self.end_session(&info.id, "deleted").await;
+                        other
+                    }
+                    None => self.running(&info.id)?,
+                }
+            }
+        };
+        let version = session
+            .runtime
+            .clone()
+            .ok_or_else(|| ApiError::internal("an invocation session without its runtime"))?;
+        session
+            .agent_ready
+            .get_or_try_init(|| invoke::start_agent(&session, &version))
+            .await?;
+        invoke::forward(session, client_sid, inv).await
     }
 
     fn health(&self) -> Health {

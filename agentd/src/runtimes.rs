@@ -214,6 +214,7 @@ pub fn version_record(
     env: BTreeMap<String, String>,
     idle_timeout_s: u64,
     max_lifetime_s: u64,
+    command: Option<Vec<String>>,
 ) -> RuntimeVersion {
     RuntimeVersion {
         runtime: runtime.into(),
@@ -224,6 +225,7 @@ pub fn version_record(
         env,
         idle_timeout_s,
         max_lifetime_s,
+        command,
         created_at_ms: now_ms(),
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use control_api::api::{SessionInfo, SessionState};
+use control_api::api::{RuntimeVersion, SessionInfo, SessionState};
 use tokio::sync::watch;
 
 use crate::backend::Guest;
@@ -36,6 +36,14 @@ pub struct Session {
     /// Requests in flight: a session is not idle while one runs.
     pub busy: AtomicU32,
     memory: Mutex<MemoryIntegral>,
+    /// The runtime version it serves, when made for invocations.
+    pub runtime: Option<RuntimeVersion>,
+    /// Set once its agent server answered `/ping`.
+    pub agent_ready: tokio::sync::OnceCell<()>,
+    /// Background commands of the code interpreter.
+    pub tasks: crate::daemon::code::Tasks,
+    /// Made by `POST /v1/code-interpreter/sessions`.
+    pub code_interpreter: std::sync::atomic::AtomicBool,
     ended_tx: watch::Sender<bool>,
     /// Turns true once the session's final record is stored.
     pub ended: watch::Receiver<bool>,
@@ -43,7 +51,7 @@ pub struct Session {
 
 impl Session {
     /// A running session bound to `guest`.
-    pub fn new(info: SessionInfo, guest: Arc<Guest>) -> Session {
+    pub fn new(info: SessionInfo, guest: Arc<Guest>, runtime: Option<RuntimeVersion>) -> Session {
         let (ended_tx, ended) = watch::channel(false);
         let last = info.last_active_ms;
         Session {
@@ -52,6 +60,10 @@ impl Session {
             last_active_ms: AtomicU64::new(last),
             busy: AtomicU32::new(0),
             memory: Mutex::new(MemoryIntegral::default()),
+            runtime,
+            agent_ready: tokio::sync::OnceCell::new(),
+            tasks: Default::default(),
+            code_interpreter: Default::default(),
             ended_tx,
             ended,
         }

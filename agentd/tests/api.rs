@@ -745,3 +745,169 @@ both_backends!(runtimes_versions_endpoints_and_their_sessions, |b: Backend| {
     let (_, l) = a.request("GET", "/v1/runtimes", None);
     assert_eq!(l, json!([]));
 });
+
+/// `POST …/invoke` of one tool; returns (status, body).
+fn tool(a: &Agentd, id: &str, name: &str, arguments: Value) -> (u16, Value) {
+    a.request(
+        "POST",
+        &format!("/v1/code-interpreter/sessions/{id}/invoke"),
+        Some(&json!({"name": name, "arguments": arguments}).to_string()),
+    )
+}
+
+#[test]
+fn code_interpreter_tools_on_the_namespace_backend() {
+    let a = Agentd::start(Backend::Namespace, 0);
+    let (st, s) = a.request("POST", "/v1/code-interpreter/sessions", Some(r#"{"timeout_s": 600}"#));
+    assert_eq!(st, 201, "{s}");
+    let id = s["session_id"].as_str().unwrap().to_string();
+    assert_eq!(s["session"]["max_lifetime_s"], 600);
+    let (st, r) = tool(
+        &a,
+        &id,
+        "executeCommand",
+        json!({"command": "echo hi; echo err >&2; pwd; exit 3"}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let sc = &r["structuredContent"];
+    assert_eq!(sc["stdout"], "hi\n/workspace\n", "{r}");
+    assert_eq!(sc["stderr"], "err\n");
+    assert_eq!(sc["exitCode"], 3);
+    assert!(sc["executionTime"].as_f64().unwrap() >= 0.0);
+    assert_eq!(r["isError"], true);
+    assert_eq!(r["content"][0]["type"], "text");
+    let (_, r) = tool(
+        &a,
+        &id,
+        "executeCode",
+        json!({"language": "sh", "code": "x=$((6*7)); echo $x"}),
+    );
+    assert_eq!(r["structuredContent"]["stdout"], "42\n", "{r}");
+    assert_eq!(r["isError"], false);
+    // Files: write, read, list, remove.
+    let (_, r) = tool(
+        &a,
+        &id,
+        "writeFiles",
+        json!({"content": [{"path": "data/a.txt", "text": "alpha\n"}, {"path": "/tmp/b.bin", "blob": "AAEC"}]}),
+    );
+    assert_eq!(r["isError"], false, "{r}");
+    let (_, r) = tool(&a, &id, "readFiles", json!({"paths": ["data/a.txt", "/tmp/b.bin"]}));
+    assert_eq!(r["content"][0]["resource"]["text"], "alpha\n", "{r}");
+    assert_eq!(r["content"][0]["resource"]["uri"], "file:///workspace/data/a.txt");
+    assert_eq!(r["content"][1]["resource"]["blob"], "AAEC", "{r}");
+    let (_, r) = tool(
+        &a,
+        &id,
+        "executeCommand",
+        json!({"command": "cat data/a.txt | tr a-z A-Z"}),
+    );
+    assert_eq!(r["structuredContent"]["stdout"], "ALPHA\n");
+    let (_, r) = tool(&a, &id, "listFiles", json!({"directoryPath": "data"}));
+    assert_eq!(r["structuredContent"]["entries"][0]["name"], "a.txt", "{r}");
+    assert_eq!(r["structuredContent"]["entries"][0]["type"], "file");
+    let (_, r) = tool(&a, &id, "removeFiles", json!({"paths": ["data"]}));
+    assert_eq!(r["isError"], false, "{r}");
+    let (_, r) = tool(&a, &id, "readFiles", json!({"paths": ["data/a.txt"]}));
+    assert_eq!(r["isError"], true, "{r}");
+    // Background work.
+    let (_, t) = tool(
+        &a,
+        &id,
+        "startCommandExecution",
+        json!({"command": "sleep 0.5; echo finished"}),
+    );
+    let task = t["structuredContent"]["taskId"].as_str().unwrap().to_string();
+    assert_eq!(t["structuredContent"]["status"], "running", "{t}");
+    a.wait_until("the task to complete", Duration::from_secs(10), || {
+        tool(&a, &id, "getTask", json!({"taskId": task})).1["structuredContent"]["status"] == "completed"
+    });
+    let (_, t) = tool(&a, &id, "getTask", json!({"taskId": task}));
+    assert_eq!(t["structuredContent"]["stdout"], "finished\n");
+    let (_, long) = tool(&a, &id, "startCommandExecution", json!({"command": "sleep 30"}));
+    let long = long["structuredContent"]["taskId"].as_str().unwrap().to_string();
+    let (_, t) = tool(&a, &id, "stopTask", json!({"taskId": long}));
+    assert_eq!(t["structuredContent"]["status"], "stopped", "{t}");
+    // Streaming: the first output arrives before the command ends.
+    let t0 = Instant::now();
+    let r = a.raw(
+        "POST",
+        &format!("/v1/code-interpreter/sessions/{id}/invoke/stream"),
+        &json!({"name": "executeCommand", "arguments": {"command": "echo a; sleep 1; echo b"}}).to_string(),
+    );
+    assert_eq!(r.status(), 200);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(r.into_reader()));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let first_at = t0.elapsed();
+    assert_eq!(first, json!({"type": "stdout", "data": "a\n"}));
+    let rest: Vec<Value> = lines.map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+    assert!(
+        first_at + Duration::from_millis(700) < t0.elapsed(),
+        "not streamed: {first_at:?}"
+    );
+    let last = rest.last().unwrap();
+    assert_eq!(last["type"], "result");
+    assert_eq!(last["result"]["structuredContent"]["stdout"], "a\nb\n");
+    // Bad inputs.
+    for (name, args, needle) in [
+        ("noSuchTool", json!({}), "no tool"),
+        (
+            "readFiles",
+            json!({"paths": ["/etc/passwd"]}),
+            "outside the allowed tree",
+        ),
+        (
+            "writeFiles",
+            json!({"content": [{"path": "../../etc/x", "text": "x"}]}),
+            "outside the allowed tree",
+        ),
+        ("executeCommand", json!({}), "command"),
+        ("executeCode", json!({"language": "cobol", "code": "x"}), "cobol"),
+        ("getTask", json!({"taskId": "task-none"}), "no task"),
+    ] {
+        let (st, e) = tool(&a, &id, name, args);
+        assert!(st == 400 || st == 404, "{name}: {st} {e}");
+        assert!(e["message"].as_str().unwrap().contains(needle), "{name}: {e}");
+    }
+    let (st, _) = a.request(
+        "POST",
+        &format!("/v1/code-interpreter/sessions/{id}/invoke/stream"),
+        Some(&json!({"name": "listFiles", "arguments": {}}).to_string()),
+    );
+    assert_eq!(st, 400);
+    let plain = a.create_session();
+    let (st, e) = tool(
+        &a,
+        plain["id"].as_str().unwrap(),
+        "executeCommand",
+        json!({"command": "true"}),
+    );
+    assert_eq!(st, 404, "{e}");
+    let (st, ended) = a.request("DELETE", &format!("/v1/code-interpreter/sessions/{id}"), None);
+    assert_eq!(st, 200);
+    assert_eq!(ended["end_reason"], "deleted");
+    let (st, _) = tool(&a, &id, "executeCommand", json!({"command": "true"}));
+    assert_eq!(st, 409);
+}
+
+#[test]
+fn code_interpreter_reaches_the_probe_guest_on_microvm() {
+    let a = Agentd::start(Backend::Microvm, 0);
+    let (st, s) = a.request("POST", "/v1/code-interpreter/sessions", Some("{}"));
+    assert_eq!(st, 201, "{s}");
+    let id = s["session_id"].as_str().unwrap();
+    // The probe has no shell: the command reaches it and fails as a
+    // command, not as a transport.
+    let (st, r) = tool(&a, id, "executeCommand", json!({"command": "echo hi"}));
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["structuredContent"]["exitCode"], 127, "{r}");
+    assert!(r["structuredContent"]["stderr"]
+        .as_str()
+        .unwrap()
+        .contains("not a probe command"));
+    // It has no files either: a tool error, not a crash.
+    let (_, r) = tool(&a, id, "listFiles", json!({}));
+    assert_eq!(r["isError"], true, "{r}");
+    let (st, _) = a.request("DELETE", &format!("/v1/code-interpreter/sessions/{id}"), None);
+    assert_eq!(st, 200);
+}

@@ -277,6 +277,9 @@ pub struct RuntimeSpec {
     /// Maximum life of its sessions.
     #[serde(default)]
     pub max_lifetime_s: Option<u64>,
+    /// The agent server to start in the guest (default: the image's).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 /// `POST /v1/runtimes`: a name and the spec of version 1.
@@ -303,6 +306,9 @@ pub struct CreateRuntime {
     /// Maximum life.
     #[serde(default)]
     pub max_lifetime_s: Option<u64>,
+    /// Agent server command.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 impl CreateRuntime {
@@ -315,6 +321,7 @@ impl CreateRuntime {
             env: self.env.clone(),
             idle_timeout_s: self.idle_timeout_s,
             max_lifetime_s: self.max_lifetime_s,
+            command: self.command.clone(),
         }
     }
 }
@@ -338,6 +345,8 @@ pub struct RuntimeVersion {
     pub idle_timeout_s: u64,
     /// Maximum life.
     pub max_lifetime_s: u64,
+    /// The agent server started in the guest (none: the image runs its own).
+    pub command: Option<Vec<String>>,
     /// Created (Unix ms).
     pub created_at_ms: u64,
 }
@@ -361,4 +370,55 @@ pub struct RuntimeInfo {
 pub struct PinEndpoint {
     /// The version the endpoint serves.
     pub version: u32,
+}
+
+/// An invocation on its way in: the agent's request, body still streaming.
+#[derive(Debug)]
+pub struct Invocation {
+    /// `X-Session-Id` as the client sent it (validated: 33–256 chars).
+    pub session_id: Option<String>,
+    /// The endpoint (`?endpoint=`; default `DEFAULT`).
+    pub endpoint: Option<String>,
+    /// Headers passed to the agent (content-type, accept, traceparent, …).
+    pub headers: Vec<(String, String)>,
+    /// The body's declared length, if the client sent one.
+    pub content_length: Option<u64>,
+    /// The body, piece by piece; an `Err` ends it (client gone, over the limit).
+    pub body: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, String>>,
+}
+
+/// The agent's answer, body still streaming.
+#[derive(Debug)]
+pub struct InvocationResponse {
+    /// The session id (generated when the client sent none).
+    pub session_id: String,
+    /// The agent's status.
+    pub status: u16,
+    /// The agent's headers (framing headers removed).
+    pub headers: Vec<(String, String)>,
+    /// The body as the agent sends it.
+    pub body: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+}
+
+/// `POST /v1/code-interpreter/sessions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCodeSession {
+    /// Image (default: the node's default).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Session life in seconds (default 900).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// `POST /v1/code-interpreter/sessions/{id}/invoke`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    /// Tool name (`executeCommand`, `executeCode`, `readFiles`, …).
+    pub name: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub arguments: serde_json::Value,
 }

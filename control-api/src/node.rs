@@ -45,6 +45,33 @@ pub trait Node: Send + Sync + 'static {
     fn pin_endpoint(&self, name: &str, endpoint: &str, version: u32) -> Result<RuntimeInfo, ApiError>;
     /// Deletes a runtime (refused while its sessions run, unless `force`).
     fn delete_runtime(&self, name: String, force: bool) -> impl Future<Output = Result<RuntimeInfo, ApiError>> + Send;
+    /// Forwards an invocation to the agent in the session's guest (made on
+    /// first use of its session id).
+    fn invoke(
+        &self,
+        runtime: String,
+        inv: Invocation,
+    ) -> impl Future<Output = Result<InvocationResponse, ApiError>> + Send;
+    /// Starts a code-interpreter session.
+    fn create_code_session(
+        &self,
+        req: CreateCodeSession,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// Runs one tool; the result is `{content, structuredContent, isError}`.
+    fn invoke_tool(
+        &self,
+        id: String,
+        call: ToolCall,
+    ) -> impl Future<Output = Result<serde_json::Value, ApiError>> + Send;
+    /// Runs `executeCommand` or `executeCode`, streaming `stdout` and
+    /// `stderr` events and then the `result`.
+    fn invoke_tool_stream(
+        &self,
+        id: String,
+        call: ToolCall,
+    ) -> impl Future<Output = Result<mpsc::Receiver<serde_json::Value>, ApiError>> + Send;
+    /// Ends a code-interpreter session.
+    fn delete_code_session(&self, id: String) -> impl Future<Output = Result<SessionInfo, ApiError>> + Send;
     /// Liveness and the node's backend.
     fn health(&self) -> Health;
     /// Pool state per key.

@@ -15,7 +15,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::{ExecBody, ExecEvent, PinEndpoint};
+use crate::api::{ExecBody, Invocation, PinEndpoint};
 use crate::body::{full, ChannelBody, ResponseBody};
 use crate::{ApiError, Node};
 
@@ -101,7 +101,38 @@ async fn route<N: Node>(
             let body: PinEndpoint = read_json(req).await?;
             json(StatusCode::OK, &node.pin_endpoint(&name, &endpoint, body.version)?)
         }
-        (["v1", "runtimes"], _)
+        (["v1", "runtimes", name, "invocations"], &Method::POST) => {
+            let name = name.to_string();
+            invoke(node, name, req).await
+        }
+        (["v1", "code-interpreter", "sessions"], &Method::POST) => {
+            let body = read_json(req).await?;
+            json(StatusCode::CREATED, &node.create_code_session(body).await?)
+        }
+        (["v1", "code-interpreter", "sessions", id], &Method::GET) => {
+            json(StatusCode::OK, &node.get_session(check_id(id)?)?)
+        }
+        (["v1", "code-interpreter", "sessions", id], &Method::DELETE) => {
+            let id = check_id(id)?.to_string();
+            json(StatusCode::OK, &node.delete_code_session(id).await?)
+        }
+        (["v1", "code-interpreter", "sessions", id, "invoke"], &Method::POST) => {
+            let id = check_id(id)?.to_string();
+            let call = read_json(req).await?;
+            json(StatusCode::OK, &node.invoke_tool(id, call).await?)
+        }
+        (["v1", "code-interpreter", "sessions", id, "invoke", "stream"], &Method::POST) => {
+            let id = check_id(id)?.to_string();
+            let call = read_json(req).await?;
+            let events = node.invoke_tool_stream(id, call).await?;
+            Ok(ndjson_stream(events))
+        }
+        (["v1", "code-interpreter", "sessions"], _)
+        | (["v1", "code-interpreter", "sessions", _], _)
+        | (["v1", "code-interpreter", "sessions", _, "invoke"], _)
+        | (["v1", "code-interpreter", "sessions", _, "invoke", "stream"], _)
+        | (["v1", "runtimes"], _)
+        | (["v1", "runtimes", _, "invocations"], _)
         | (["v1", "runtimes", _], _)
         | (["v1", "runtimes", _, "versions"], _)
         | (["v1", "runtimes", _, "endpoints", _], _) => Err(ApiError::method_not_allowed(format!(
@@ -116,6 +147,133 @@ async fn route<N: Node>(
         ))),
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
+}
+
+/// Largest invocation body.
+pub const MAX_INVOCATION_BODY: u64 = 100 * 1000 * 1000;
+
+/// Headers an invocation passes to the agent.
+const FORWARDED: [&str; 6] = [
+    "content-type",
+    "accept",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "user-agent",
+];
+
+/// `POST /v1/runtimes/{name}/invocations`: the body is streamed to the
+/// guest as it arrives and the agent's answer streamed back as it comes.
+async fn invoke<N: Node>(
+    node: &Arc<N>,
+    runtime: String,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, ApiError> {
+    let endpoint = query_value(req.uri().query(), "endpoint");
+    let h = req.headers();
+    let session_id = match h.get("x-session-id") {
+        None => None,
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| ApiError::bad_request("X-Session-Id must be visible ASCII"))?;
+            if !(33..=256).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::bad_request(format!(
+                    "X-Session-Id must be 33 to 256 visible ASCII characters; got {} characters",
+                    s.len()
+                )));
+            }
+            Some(s.to_string())
+        }
+    };
+    let content_length = match h.get(hyper::header::CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("Content-Length is not a number"))?,
+        ),
+    };
+    if content_length.is_some_and(|l| l > MAX_INVOCATION_BODY) {
+        return Err(ApiError::too_large(format!(
+            "invocation bodies are limited to {MAX_INVOCATION_BODY} bytes"
+        )));
+    }
+    let headers = FORWARDED
+        .iter()
+        .filter_map(|name| {
+            h.get(*name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| (name.to_string(), v.to_string()))
+        })
+        .collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let item = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => {
+                        total += d.len() as u64;
+                        if total > MAX_INVOCATION_BODY {
+                            Err(format!("the body is over the {MAX_INVOCATION_BODY}-byte limit"))
+                        } else {
+                            Ok(d)
+                        }
+                    }
+                    Err(_) => continue,
+                },
+                Err(e) => Err(format!("reading the request body: {e}")),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let inv = Invocation {
+        session_id,
+        endpoint,
+        headers,
+        content_length,
+        body: rx,
+    };
+    let answer = node.invoke(runtime, inv).await?;
+    let (btx, rbody) = ChannelBody::channel(8);
+    let mut agent_body = answer.body;
+    tokio::spawn(async move {
+        while let Some(chunk) = agent_body.recv().await {
+            if btx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(rbody);
+    *r.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (k, v) in &answer.headers {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            r.headers_mut().append(k, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&answer.session_id) {
+        r.headers_mut().insert("x-session-id", v);
+    }
+    Ok(r)
+}
+
+/// A query parameter's raw value.
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
 }
 
 /// A boolean query parameter (`?force=true`); absent is false.
@@ -226,7 +384,7 @@ fn set_server_timing(r: &mut Response<ResponseBody>, started: Instant, other: &s
     }
 }
 
-fn ndjson_stream(mut events: tokio::sync::mpsc::Receiver<ExecEvent>) -> Response<ResponseBody> {
+fn ndjson_stream<T: Serialize + Send + 'static>(mut events: tokio::sync::mpsc::Receiver<T>) -> Response<ResponseBody> {
     let (tx, body) = ChannelBody::channel(16);
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
