@@ -911,3 +911,204 @@ fn code_interpreter_reaches_the_probe_guest_on_microvm() {
     let (st, _) = a.request("DELETE", &format!("/v1/code-interpreter/sessions/{id}"), None);
     assert_eq!(st, 200);
 }
+
+/// A raw HTTP/1.1 request whose body is sent in chunks with pauses, to
+/// see the answer stream while the body is still being sent. Returns the
+/// response head and a reader positioned at its (chunked) body.
+fn chunked_upload(
+    base: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::Write;
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let r = std::io::BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+fn write_chunk(s: &mut std::net::TcpStream, data: &[u8]) {
+    use std::io::Write;
+    write!(s, "{:x}\r\n", data.len()).unwrap();
+    s.write_all(data).unwrap();
+    s.write_all(b"\r\n").unwrap();
+    s.flush().unwrap();
+}
+
+/// Reads the response head; returns (status, headers lowercased).
+fn read_head(r: &mut impl std::io::BufRead) -> (u16, Vec<(String, String)>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            return (status, headers);
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+}
+
+/// One chunk of a chunked body (None at the end).
+fn read_chunk(r: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let n = usize::from_str_radix(line.trim(), 16).unwrap();
+    let mut data = vec![0; n + 2];
+    std::io::Read::read_exact(r, &mut data).unwrap();
+    data.truncate(n);
+    (n > 0).then_some(data)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+both_backends!(invocations_reach_the_agent_with_affinity_and_streaming, |b: Backend| {
+    let a = Agentd::start(b, 0);
+    let spec = match b {
+        Backend::Microvm => json!({"name": "echoer", "image": "probe", "memory_mib": 64}),
+        Backend::Namespace => json!({"name": "echoer", "env": {"WARREN_SAMPLE_GREETING": "hej"}}),
+    };
+    let (st, r) = a.request("POST", "/v1/runtimes", Some(&spec.to_string()));
+    assert_eq!(st, 201, "{r}");
+    let path = "/v1/runtimes/echoer/invocations";
+    // No session id: one is made and returned.
+    let r = a.raw("POST", path, r#"{"prompt": "hello"}"#);
+    assert_eq!(r.status(), 200, "{:?}", r.header("content-type"));
+    let sid = r.header("x-session-id").unwrap().to_string();
+    assert!((33..=256).contains(&sid.len()), "{sid}");
+    let body = r.into_string().unwrap();
+    if b == Backend::Namespace {
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["response"], "you said: hello", "{v}");
+        assert_eq!(v["session_id"], sid.as_str());
+        assert_eq!(v["env"]["WARREN_SAMPLE_GREETING"], "hej");
+    } else {
+        assert_eq!(body, r#"{"prompt": "hello"}"#, "the probe echoes");
+    }
+    // The same id reaches the same guest; another id never does.
+    let again = |id: &str| {
+        let r = a
+            .agent_request("POST", path)
+            .set("x-session-id", id)
+            .set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .send_string(r#"{"prompt": "again"}"#)
+            .unwrap();
+        assert_eq!(r.header("x-session-id"), Some(id));
+        r.into_string().unwrap()
+    };
+    let body = again(&sid);
+    if b == Backend::Namespace {
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "{v}"
+        );
+    }
+    let other = "another-session-id-that-is-long-enough-0001";
+    again(other);
+    let (_, list) = a.request("GET", "/v1/sessions", None);
+    let of_runtime: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["runtime"] == "echoer" && s["state"] == "running")
+        .collect();
+    assert_eq!(of_runtime.len(), 2, "one session per session id: {of_runtime:?}");
+    assert_ne!(of_runtime[0]["guest_id"], of_runtime[1]["guest_id"]);
+    // 10 MiB through and back, intact.
+    let big: Vec<u8> = (0..10u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let r = a
+        .agent_request("POST", path)
+        .set("x-session-id", &sid)
+        .set("x-sample-mode", "echo")
+        .set("content-type", "application/octet-stream")
+        .send_bytes(&big)
+        .unwrap();
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut r.into_reader(), &mut back).unwrap();
+    assert_eq!(back.len(), big.len());
+    assert_eq!(sha256_hex(&back), sha256_hex(&big));
+    // Streaming: the first piece of the answer arrives before the agent is done.
+    let t0 = Instant::now();
+    match b {
+        Backend::Microvm => {
+            // The probe echoes each piece of the body as it comes: the
+            // answer to the first arrives before the second is sent.
+            let (mut s, mut rd) = chunked_upload(&a.base, path, &[("x-session-id", sid.as_str())]);
+            write_chunk(&mut s, b"first piece;");
+            let (status, _) = read_head(&mut rd);
+            assert_eq!(status, 200);
+            assert_eq!(read_chunk(&mut rd).unwrap(), b"first piece;");
+            std::thread::sleep(Duration::from_millis(300));
+            write_chunk(&mut s, b"second piece");
+            write_chunk(&mut s, b"");
+            let mut rest = Vec::new();
+            while let Some(c) = read_chunk(&mut rd) {
+                rest.extend(c);
+            }
+            assert_eq!(rest, b"second piece");
+        }
+        Backend::Namespace => {
+            let r = a
+                .agent_request("POST", path)
+                .set("x-session-id", &sid)
+                .set("accept", "text/event-stream")
+                .send_string(r#"{"prompt": "stream please"}"#)
+                .unwrap();
+            assert_eq!(r.header("content-type"), Some("text/event-stream"));
+            let mut rd = std::io::BufReader::new(r.into_reader());
+            let mut first = String::new();
+            std::io::BufRead::read_line(&mut rd, &mut first).unwrap();
+            let first_at = t0.elapsed();
+            assert!(first.starts_with("data: "), "{first:?}");
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut rd, &mut rest).unwrap();
+            assert!(rest.contains("[DONE]"), "{rest}");
+            assert!(
+                first_at + Duration::from_millis(500) < t0.elapsed(),
+                "first event at {first_at:?}"
+            );
+        }
+    }
+    // Bad inputs.
+    let r = a
+        .agent_request("POST", path)
+        .set("x-session-id", "short")
+        .send_string("{}");
+    let Err(ureq::Error::Status(400, r)) = r else {
+        panic!("a short session id was accepted")
+    };
+    assert!(r.into_string().unwrap().contains("33 to 256"));
+    let (st, _) = a.request("POST", "/v1/runtimes/nobody/invocations", Some("{}"));
+    assert_eq!(st, 404);
+    let (st, e) = a.request("POST", &format!("{path}?endpoint=canary"), Some("{}"));
+    assert_eq!(st, 404, "{e}");
+    let (st, e) = a.request("GET", path, None);
+    assert_eq!(st, 405, "{e}");
+    {
+        use std::io::Write;
+        let addr = a.base.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000001\r\n\r\n"
+        )
+        .unwrap();
+        let mut rd = std::io::BufReader::new(s);
+        assert_eq!(read_head(&mut rd).0, 413);
+    }
+});

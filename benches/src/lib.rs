@@ -1,6 +1,8 @@
 //! Shared pieces of Warren's benchmarks (one binary per benchmark in
 //! `src/bin`, run through `cargo xtask bench NAME`).
 
+pub mod agentd;
+
 /// Percentiles of a sample, nearest-rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {

@@ -126,6 +126,76 @@ fn vmm_session(host: &vmm::host::HostVirt, vmm: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
+/// Registers the sample runtime (the agent server the initramfs ships) and
+/// streams an invocation from it.
+fn runtime_session(agent: &ureq::Agent) -> Result<()> {
+    println!("\n$ curl -X POST {API}/v1/runtimes -d '{{\"name\":\"sample\",\"env\":{{\"WARREN_SAMPLE_GREETING\":\"hello\"}}}}'");
+    let existing = call(agent, "GET", "/v1/runtimes/sample", None);
+    let rt = match existing {
+        Ok(r) => r,
+        Err(_) => call(
+            agent,
+            "POST",
+            "/v1/runtimes",
+            Some(json!({"name": "sample", "env": {"WARREN_SAMPLE_GREETING": "hello"}})),
+        )?,
+    };
+    println!(
+        "runtime sample, version {}, endpoints {}",
+        rt["latest_version"], rt["endpoints"]
+    );
+    println!(
+        "$ curl -N {API}/v1/runtimes/sample/invocations -H 'Accept: text/event-stream' -d '{{\"prompt\":\"hi\"}}'"
+    );
+    let started = Instant::now();
+    let res = agent
+        .post(&format!("{API}/v1/runtimes/sample/invocations"))
+        .set("accept", "text/event-stream")
+        .send_string(r#"{"prompt": "hi"}"#)
+        .map_err(|e| anyhow::anyhow!("invocation: {e}"))?;
+    println!(
+        "X-Session-Id: {} (send it again to reach the same microVM)",
+        res.header("x-session-id").unwrap_or("")
+    );
+    for line in std::io::BufReader::new(res.into_reader()).lines() {
+        let line = line?;
+        if !line.is_empty() {
+            println!("  +{:>4} ms  {line}", started.elapsed().as_millis());
+        }
+    }
+    Ok(())
+}
+
+/// A code-interpreter session: a command and a file, through the tools.
+fn code_interpreter_session(agent: &ureq::Agent) -> Result<()> {
+    println!("\n$ curl -X POST {API}/v1/code-interpreter/sessions -d '{{}}'");
+    let s = call(agent, "POST", "/v1/code-interpreter/sessions", Some(json!({})))?;
+    let id = s["session_id"].as_str().context("no session id")?.to_string();
+    let tool = |name: &str, arguments: Value| {
+        call(
+            agent,
+            "POST",
+            &format!("/v1/code-interpreter/sessions/{id}/invoke"),
+            Some(json!({"name": name, "arguments": arguments})),
+        )
+    };
+    tool(
+        "writeFiles",
+        json!({"content": [{"path": "notes.txt", "text": "written by writeFiles\n"}]}),
+    )?;
+    println!("$ … /invoke -d '{{\"name\":\"executeCommand\",\"arguments\":{{\"command\":\"cat notes.txt; ls -l\"}}}}'");
+    let r = tool("executeCommand", json!({"command": "cat notes.txt; ls -l"}))?;
+    print!("{}", r["structuredContent"]["stdout"].as_str().unwrap_or(""));
+    println!(
+        "(exitCode {}, {:.1} ms, isError {})",
+        r["structuredContent"]["exitCode"],
+        r["structuredContent"]["executionTime"].as_f64().unwrap_or(0.0) * 1e3,
+        r["isError"]
+    );
+    call(agent, "DELETE", &format!("/v1/code-interpreter/sessions/{id}"), None)?;
+    Ok(())
+}
+
 /// agentd stopped on drop (SIGTERM: it drains).
 struct Agentd(Child);
 
@@ -246,6 +316,8 @@ fn agentd_session(cache: &Cache, agentd: &std::path::Path, args: &RunArgs) -> Re
         ended["scrub"]["bytes"],
         ended["scrub"]["ns"].as_f64().unwrap_or(0.0) / 1e6
     );
+    runtime_session(&agent)?;
+    code_interpreter_session(&agent)?;
     if args.no_wait {
         println!("\nstopping agentd (--no-wait). `cargo xtask test` runs every test.");
         return Ok(());

@@ -100,7 +100,10 @@ pub fn config_text(backend: Backend, dir: &Path, port: u16, pool_target: u32, to
         }
         Backend::Namespace => {
             let initramfs = warren_e2e::artifacts::initramfs().unwrap_or_else(|e| panic!("{e}"));
-            format!("[images.base]\ninitramfs = \"{}\"\n", initramfs.display())
+            format!(
+                "[images.base]\ninitramfs = \"{}\"\nagent_command = [\"/usr/bin/warren-sample-agent\"]\n",
+                initramfs.display()
+            )
         }
     };
     let memory = match backend {
@@ -227,6 +230,11 @@ impl Agentd {
     pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         self.try_request(method, path, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n--- agentd log ---\n{}", self.log()))
+    }
+
+    /// A request builder on the harness's agent (for custom headers).
+    pub fn agent_request(&self, method: &str, path: &str) -> ureq::Request {
+        self.agent.request(method, &format!("{}{path}", self.base))
     }
 
     /// A raw response, for headers.

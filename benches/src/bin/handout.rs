@@ -14,13 +14,13 @@
 //! `{"runs":N,"results":[{"backend":"microvm","pool":"full","handout_ms":{…},"first_rtt_ms":{…},
 //!   "total_ms":{…},"host_ms":{…},"guest_ms":{…},"boot_ms":{…}},…],"not_run":[…]}`
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::{json, Value};
+use warren_benches::agentd::Daemon;
 use warren_benches::Summary;
 
 #[derive(Parser, Debug)]
@@ -35,85 +35,6 @@ struct Args {
     /// One JSON line instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-fn env_path(var: &str) -> Result<PathBuf> {
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .with_context(|| format!("${var} is not set (run through `cargo xtask bench handout`)"))
-}
-
-struct Daemon {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-    http: ureq::Agent,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) has no memory effects.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn start(backend: &str, pool_target: u32) -> Result<Daemon> {
-    let dir = tempfile::Builder::new().prefix("warren-handout-").tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let (image, memory) = match backend {
-        "microvm" => (
-            format!("[images.probe]\nkernel = \"{}\"\n", env_path("WARREN_PROBE")?.display()),
-            64,
-        ),
-        _ => (
-            format!(
-                "[images.base]\ninitramfs = \"{}\"\n",
-                env_path("WARREN_INITRAMFS")?.display()
-            ),
-            128,
-        ),
-    };
-    let img = if backend == "microvm" { "probe" } else { "base" };
-    let config = format!(
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\nruntime_dir = \"{d}/run\"\nbackend = \"{backend}\"\n\
-         vmm_binary = \"{vmm}\"\nnsinit_binary = \"{ns}\"\n[sessions]\nimage = \"{img}\"\nmemory_mib = {memory}\n\
-         {image}\n[[pool]]\nimage = \"{img}\"\nmemory_mib = {memory}\ntarget = {pool_target}\nrefill_concurrency = 2\n",
-        d = dir.path().display(),
-        vmm = env_path("WARREN_VMM")?.display(),
-        ns = env_path("WARREN_NSINIT")?.display(),
-    );
-    let cfg = dir.path().join("agentd.toml");
-    std::fs::write(&cfg, config)?;
-    let log = std::fs::File::create(dir.path().join("agentd.log"))?;
-    let child = Command::new(env_path("WARREN_AGENTD")?)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--log")
-        .arg("warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("spawning agentd")?;
-    let d = Daemon {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        http: ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build(),
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while d.http.get(&format!("{}/healthz", d.base)).call().is_err() {
-        if Instant::now() > deadline {
-            bail!("agentd did not serve within 60 s: {}", log_of(&d));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(d)
-}
-
-fn log_of(d: &Daemon) -> String {
-    std::fs::read_to_string(d._dir.path().join("agentd.log")).unwrap_or_default()
 }
 
 /// `host;dur=1.2, guest;dur=3.4` → (host ms, other ms).
@@ -142,7 +63,7 @@ fn ready(d: &Daemon) -> Result<u64> {
 
 fn measure(backend: &str, full: bool, runs: usize) -> Result<Value> {
     let target = if full { 2 } else { 0 };
-    let d = start(backend, target)?;
+    let d = Daemon::start(backend, target)?;
     let (mut handout, mut rtt, mut total, mut host, mut guest, mut boot) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // One unmeasured run warms the connection and the code paths.
@@ -151,7 +72,7 @@ fn measure(backend: &str, full: bool, runs: usize) -> Result<Value> {
             let deadline = Instant::now() + Duration::from_secs(60);
             while ready(&d)? < u64::from(target) {
                 if Instant::now() > deadline {
-                    bail!("the pool did not refill within 60 s: {}", log_of(&d));
+                    bail!("the pool did not refill within 60 s: {}", d.log());
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -162,7 +83,7 @@ fn measure(backend: &str, full: bool, runs: usize) -> Result<Value> {
             .post(&format!("{}/v1/sessions", d.base))
             .set("content-type", "application/json")
             .send_string("{}")
-            .map_err(|e| anyhow::anyhow!("create session: {e}; log: {}", log_of(&d)))?;
+            .map_err(|e| anyhow::anyhow!("create session: {e}; log: {}", d.log()))?;
         let t1 = Instant::now();
         let (create_host, create_boot) = server_timing(&r);
         let s: Value = serde_json::from_str(&r.into_string()?)?;
