@@ -33,6 +33,39 @@ pub async fn handle<N: Node>(node: Arc<N>, req: Request<Incoming>) -> Response<R
     response
 }
 
+/// The OpenAPI 3.0 document of these routes, served at `GET /openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
+
+/// Every (method, path template) [`route`] answers, with `{param}` for a
+/// path segment. `agentd/tests/openapi.rs` holds this table to
+/// `control-api/openapi.json` (the same set of routes, each one routed by a
+/// real agentd): a route added here or there must be added to both.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/pools"),
+    ("POST", "/v1/sessions"),
+    ("GET", "/v1/sessions"),
+    ("GET", "/v1/sessions/{id}"),
+    ("DELETE", "/v1/sessions/{id}"),
+    ("POST", "/v1/sessions/{id}/exec"),
+    ("POST", "/v1/sessions/{id}/exec/stream"),
+    ("POST", "/v1/runtimes"),
+    ("GET", "/v1/runtimes"),
+    ("GET", "/v1/runtimes/{name}"),
+    ("DELETE", "/v1/runtimes/{name}"),
+    ("POST", "/v1/runtimes/{name}/versions"),
+    ("GET", "/v1/runtimes/{name}/versions"),
+    ("PUT", "/v1/runtimes/{name}/endpoints/{endpoint}"),
+    ("POST", "/v1/runtimes/{name}/invocations"),
+    ("POST", "/v1/code-interpreter/sessions"),
+    ("GET", "/v1/code-interpreter/sessions/{id}"),
+    ("DELETE", "/v1/code-interpreter/sessions/{id}"),
+    ("POST", "/v1/code-interpreter/sessions/{id}/invoke"),
+    ("POST", "/v1/code-interpreter/sessions/{id}/invoke/stream"),
+];
+
 async fn route<N: Node>(
     node: &Arc<N>,
     req: Request<Incoming>,
@@ -47,6 +80,12 @@ async fn route<N: Node>(
             let mut r = Response::new(full(node.metrics()));
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            Ok(r)
+        }
+        (["openapi.json"], &Method::GET) => {
+            let mut r = Response::new(full(OPENAPI_JSON));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             Ok(r)
         }
         (["v1", "pools"], &Method::GET) => json(StatusCode::OK, &node.pools()),
@@ -138,7 +177,7 @@ async fn route<N: Node>(
         | (["v1", "runtimes", _, "endpoints", _], _) => Err(ApiError::method_not_allowed(format!(
             "{method} is not allowed on {path}"
         ))),
-        (["healthz"] | ["metrics"] | ["v1", "pools"], _)
+        (["healthz"] | ["metrics"] | ["openapi.json"] | ["v1", "pools"], _)
         | (["v1", "sessions"], _)
         | (["v1", "sessions", _], _)
         | (["v1", "sessions", _, "exec"], _)
