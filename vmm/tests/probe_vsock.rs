@@ -270,3 +270,148 @@ fn a_vm_without_a_disk_says_so() {
     }
     shutdown(vm);
 }
+
+/// The head, body and end of an `Http` request's answer.
+fn http_answer(vm: &mut Vm, id: u64) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let (status, headers) = match vm.client.next_reply(id).unwrap() {
+        Reply::HttpHead { status, headers } => (status, headers),
+        other => panic!("expected a head, got {other:?}"),
+    };
+    let mut body = Vec::new();
+    loop {
+        match vm.client.next_reply(id).unwrap() {
+            Reply::HttpChunk { data } => body.extend(data),
+            Reply::Done => return (status, headers, body),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// Sends `data` as the body of an echo request: the first piece in the
+/// `Http` frame, the rest in `HttpBody` frames of `piece` bytes with at
+/// most 4 unanswered, as the host does; checks the echo.
+fn echo_in_pieces(vm: &mut Vm, data: &[u8], piece: usize) {
+    use warren_protocol::HttpRequest;
+    let mut pieces = data.chunks(piece);
+    let id = vm
+        .client
+        .send(Request::Http(HttpRequest {
+            port: 8080,
+            method: "POST".into(),
+            path: "/invocations".into(),
+            headers: vec![("Content-Type".into(), "application/x-test".into())],
+            body: pieces.next().unwrap().to_vec(),
+            more_body: true,
+            timeout_ms: None,
+        }))
+        .unwrap();
+    let mut unanswered = std::collections::VecDeque::new();
+    let mut pieces = pieces.peekable();
+    while let Some(p) = pieces.next() {
+        if unanswered.len() == 4 {
+            let piece = unanswered.pop_front().unwrap();
+            assert_eq!(vm.client.next_reply(piece).unwrap(), Reply::Done);
+        }
+        let end = pieces.peek().is_none();
+        let piece = vm
+            .client
+            .send(Request::HttpBody {
+                request: id,
+                data: p.to_vec(),
+                end,
+            })
+            .unwrap();
+        unanswered.push_back(piece);
+    }
+    for piece in unanswered {
+        assert_eq!(vm.client.next_reply(piece).unwrap(), Reply::Done);
+    }
+    let (status, headers, body) = http_answer(vm, id);
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers,
+        vec![("content-type".to_string(), "application/x-test".to_string())]
+    );
+    assert_eq!(body.len(), data.len());
+    assert!(body == data, "the echo differs");
+}
+
+#[test]
+fn probe_answers_http_ping_and_echoes_bodies() {
+    use warren_protocol::{ErrorKind, HttpRequest, MAX_CHUNK};
+    let mut vm = boot("");
+    let id = vm
+        .client
+        .send(Request::Http(HttpRequest {
+            port: 8080,
+            method: "GET".into(),
+            path: "/ping".into(),
+            ..Default::default()
+        }))
+        .unwrap();
+    let (status, headers, body) = http_answer(&mut vm, id);
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers,
+        vec![("content-type".to_string(), "application/json".to_string())]
+    );
+    assert_eq!(body, br#"{"status":"Healthy"}"#);
+
+    // Bodies in one frame, small to the largest piece.
+    for size in [100usize, 5000, MAX_CHUNK] {
+        let data: Vec<u8> = (0..size).map(|i| (i % 249) as u8).collect();
+        let id = vm
+            .client
+            .send(Request::Http(HttpRequest {
+                port: 8080,
+                method: "POST".into(),
+                path: "/echo".into(),
+                body: data.clone(),
+                ..Default::default()
+            }))
+            .unwrap();
+        let (status, headers, body) = http_answer(&mut vm, id);
+        assert_eq!(status, 200);
+        assert_eq!(
+            headers,
+            vec![("content-type".to_string(), "application/octet-stream".to_string())]
+        );
+        assert!(body == data, "the echo of {size} bytes differs");
+    }
+
+    // A body in pieces (small ones: see the ignored test below).
+    let data: Vec<u8> = (0..(128usize << 10) + 77).map(|i| (i * 31 % 251) as u8).collect();
+    echo_in_pieces(&mut vm, &data, 16 * 1024);
+
+    // A piece for a request that is not waiting for one.
+    let e = match vm.client.call(Request::HttpBody {
+        request: 9999,
+        data: b"stray".to_vec(),
+        end: false,
+    }) {
+        Err(warren_protocol::client::ClientError::Guest(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(e.kind, ErrorKind::InvalidRequest);
+    assert!(e.message.contains("9999"), "{e:?}");
+    vm.client.ping(1).unwrap();
+    shutdown(vm);
+}
+
+/// 3 MiB in 256 KiB pieces, twice (the second run reuses what the first
+/// allocated). Ignored because it is slow, not because it fails: bulk data
+/// between the probe and the VMM's vsock device moves at about 20 KB/s on
+/// the development machine (a 256 KiB echo takes ~14 s, while a ping round
+/// trip takes ~3 ms), so this takes several minutes. Run it with
+/// `--ignored`.
+#[test]
+#[ignore = "slow: the probe's vsock path moves bulk data at ~20 KB/s"]
+fn probe_echoes_a_large_body_sent_in_pieces() {
+    use warren_protocol::MAX_CHUNK;
+    let mut vm = boot("");
+    let data: Vec<u8> = (0..(3usize << 20) + 1234).map(|i| (i * 31 % 251) as u8).collect();
+    for _ in 0..2 {
+        echo_in_pieces(&mut vm, &data, MAX_CHUNK);
+    }
+    shutdown(vm);
+}

@@ -1,4 +1,5 @@
-//! `cargo xtask images`: the static guest-agent and the initramfs.
+//! `cargo xtask images`: the static guest-agent and sample agent, and the
+//! initramfs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,30 +14,36 @@ use crate::{packages, sh};
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Builds guest-agent as a static binary; returns its path.
-pub fn build_guest_agent() -> Result<PathBuf> {
-    eprintln!("xtask: building guest-agent (static, release)");
+/// Builds guest-agent and the sample agent as static binaries; returns
+/// their paths (guest-agent first).
+pub fn build_guest_binaries() -> Result<(PathBuf, PathBuf)> {
+    eprintln!("xtask: building guest-agent and warren-sample-agent (static, release)");
     sh::run(sh::cargo().env("RUSTFLAGS", "-C target-feature=+crt-static").args([
         "build",
         "--release",
         "--quiet",
         "-p",
         "guest-agent",
+        "-p",
+        "warren-sample-agent",
         "--target",
         TARGET,
     ]))?;
-    let bin = sh::target_dir().join(TARGET).join("release/guest-agent");
-    if !sh::is_static_elf(&bin)? {
-        bail!("{} is dynamically linked; the initramfs has no loader", bin.display());
+    let release = sh::target_dir().join(TARGET).join("release");
+    let (agent, sample) = (release.join("guest-agent"), release.join("warren-sample-agent"));
+    for bin in [&agent, &sample] {
+        if !sh::is_static_elf(bin)? {
+            bail!("{} is dynamically linked; the initramfs has no loader", bin.display());
+        }
     }
-    Ok(bin)
+    Ok((agent, sample))
 }
 
 /// Builds (or finds in the cache) the initramfs; returns its path.
 pub fn build_initramfs(cache: &Cache) -> Result<PathBuf> {
     packages::ensure(packages::IMAGES)?;
-    let agent = build_guest_agent()?;
-    let image = assemble(&agent, Path::new(BUSYBOX))?;
+    let (agent, sample) = build_guest_binaries()?;
+    let image = assemble(&agent, &sample, Path::new(BUSYBOX))?;
     let key = image.content_key();
     let entry = cache.entry("initramfs", &key);
     let path = match entry.lookup("initramfs.cpio") {
@@ -65,15 +72,17 @@ pub fn build_initramfs(cache: &Cache) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The initramfs layout: guest-agent as `/init`, busybox with its applet
-/// links for a debug shell, the mount points and a console node.
-fn assemble(agent: &Path, busybox: &Path) -> Result<Initramfs> {
+/// The initramfs layout: guest-agent as `/init`, the sample agent as
+/// `/usr/bin/warren-sample-agent`, busybox with its applet links for a debug
+/// shell, the mount points and a console node.
+fn assemble(agent: &Path, sample: &Path, busybox: &Path) -> Result<Initramfs> {
     if !sh::is_static_elf(busybox)? {
         bail!("{} is not static; install busybox-static", busybox.display());
     }
     let mut i = Initramfs::new();
     i.file_from("init", agent, 0o755)?;
     i.file_from("bin/busybox", busybox, 0o755)?;
+    i.file_from("usr/bin/warren-sample-agent", sample, 0o755)?;
     let applets = sh::output(Command::new(busybox).arg("--list-full"))?;
     for path in applets.lines().map(str::trim).filter(|p| !p.is_empty()) {
         if path == "bin/busybox" || path.ends_with("/init") || path == "linuxrc" {

@@ -3,7 +3,8 @@
 //! It mounts what the guest needs, reaps zombies, connects to the host
 //! (vsock in production, a virtio console port under QEMU, a Unix socket in
 //! host-side tests), says hello and serves the guest protocol: commands with
-//! streamed output, files, shutdown. Run as an ordinary process it skips
+//! streamed output, files, HTTP requests to the agent's own server,
+//! shutdown. Run as an ordinary process it skips
 //! the PID 1 duties and serves the same protocol. With `--sandboxed` it is
 //! PID 1 of a namespace sandbox that agentd's `warren-nsinit` prepared: the
 //! sandbox already has its mounts and hostname, so only reaping and the
@@ -12,6 +13,7 @@
 mod cmdline;
 mod exec;
 mod files;
+mod http;
 mod init;
 mod outbox;
 mod reaper;

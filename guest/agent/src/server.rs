@@ -10,6 +10,7 @@ use warren_protocol::{decode_host_frame, ErrorKind, GuestFrame, Hello, HostFrame
 
 use crate::exec::{self, Running};
 use crate::files;
+use crate::http::{self, Bodies};
 use crate::outbox::Outbox;
 use crate::reaper::Reaper;
 use crate::transport::Connection;
@@ -37,7 +38,16 @@ pub fn serve(agent: &Arc<Agent>, conn: Connection, hello: Hello) -> End {
     if !out.send(GuestFrame::Hello(hello)) {
         return End::Disconnected("could not send hello".into());
     }
-    let mut reader = FrameReader::new(conn.reader);
+    // HTTP requests of this connection still waiting for body pieces;
+    // closed (abandoning them) when the connection ends.
+    let bodies = Arc::new(Bodies::default());
+    let end = serve_frames(agent, conn.reader, &out, &bodies);
+    bodies.close();
+    end
+}
+
+fn serve_frames(agent: &Arc<Agent>, reader: Box<dyn std::io::Read + Send>, out: &Outbox, bodies: &Arc<Bodies>) -> End {
+    let mut reader = FrameReader::new(reader);
     loop {
         let payload = match reader.read_payload() {
             Ok(Some(Ok(p))) => p,
@@ -57,7 +67,7 @@ pub fn serve(agent: &Arc<Agent>, conn: Connection, hello: Hello) -> End {
                 continue;
             }
         };
-        if dispatch(agent, frame, &out) {
+        if dispatch(agent, frame, out, bodies) {
             out.flush();
             return End::Shutdown;
         }
@@ -65,7 +75,7 @@ pub fn serve(agent: &Arc<Agent>, conn: Connection, hello: Hello) -> End {
 }
 
 /// Handles one request; true when it was a shutdown.
-fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox) -> bool {
+fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox, bodies: &Arc<Bodies>) -> bool {
     let HostFrame { id, request } = frame;
     tracing::debug!(id, request = request.name(), "request");
     match request {
@@ -86,6 +96,8 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox) -> bool {
             let (agent, out) = (agent.clone(), out.clone());
             spawn_handler(move || exec::run(&agent.reaper, &agent.running, id, req, &out));
         }
+        Request::Http(req) => http::start(id, req, out, bodies),
+        Request::HttpBody { request, data, end } => bodies.deliver(id, request, data, end, out),
         Request::BurnCpu { .. }
         | Request::TouchMemory { .. }
         | Request::ChecksumMemory { .. }

@@ -35,11 +35,12 @@ mod vsock;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
+use alloc::vec::Vec;
 use core::arch::asm;
 
 use warren_protocol::{
     decode_host_frame, encode_frame, ErrorKind, ErrorReply, ExitStatus, FrameDecoder, GuestFrame, Hello, HostFrame,
-    Reply, Request, Stream, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    HttpRequest, Reply, Request, RequestId, Stream, AGENT_VSOCK_PORT, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 
 /// The VMM's boot-timer port.
@@ -132,15 +133,20 @@ fn error(id: Option<u64>, kind: ErrorKind, message: String) -> GuestFrame {
 
 fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
+    let mut bodies = Bodies::default();
     let mut control = FrameDecoder::new(MAX_FRAME_LEN);
     loop {
         match vsock.recv() {
             vsock::Incoming::Closed => power_off(),
             vsock::Incoming::Data(bytes) => decoder.push(bytes),
-            vsock::Incoming::Control(bytes) => {
+            vsock::Incoming::HeldData => decoder.push(&vsock.take_held()),
+            incoming @ (vsock::Incoming::Control(_) | vsock::Incoming::HeldControl) => {
                 // The VMM asks on its own connection; the only request it
                 // makes is to shut down.
-                control.push(bytes);
+                match incoming {
+                    vsock::Incoming::Control(bytes) => control.push(bytes),
+                    _ => control.push(&vsock.take_held_control()),
+                }
                 while let Some(frame) = control.next_frame() {
                     if let Ok(Ok(HostFrame {
                         request: Request::Shutdown,
@@ -193,6 +199,13 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
                                 Err(msg) => error(Some(id), ErrorKind::Io, msg),
                             },
                         },
+                        Request::Http(req) => match http(vsock, id, req, &mut bodies) {
+                            Some(answer) => answer,
+                            None => continue,
+                        },
+                        Request::HttpBody { request, data, end } => {
+                            http_body(vsock, id, request, data, end, &mut bodies)
+                        }
                         other => error(
                             Some(id),
                             ErrorKind::InvalidRequest,
@@ -275,6 +288,110 @@ fn exec(vsock: &mut vsock::Vsock, id: u64, argv: &[String]) -> GuestFrame {
             timed_out: false,
             duration_ns: clock::now_ns().saturating_sub(started),
         }),
+    }
+}
+
+/// `Http` requests whose body is still coming, at most [`MAX_BODIES`].
+#[derive(Default)]
+struct Bodies([Option<Body>; MAX_BODIES]);
+
+/// An `Http` request waiting for `HttpBody` pieces.
+#[derive(Clone, Copy)]
+struct Body {
+    id: RequestId,
+    /// Send the pieces back (false for `/ping`, which only takes them).
+    echo: bool,
+}
+
+/// Requests with a body in pieces the probe follows at once.
+const MAX_BODIES: usize = 4;
+
+/// The probe has no HTTP server; it answers `Http` itself so the host's
+/// invocation path can be driven on it. `/ping` (any method) answers
+/// `{"status":"Healthy"}` as JSON; any other path echoes the body back,
+/// with the request's content type (or application/octet-stream): the
+/// initial `body` as one chunk, then each `HttpBody` piece as a chunk of
+/// its own under the `Http` request's id, and `Done` after the last.
+fn http(vsock: &mut vsock::Vsock, id: RequestId, req: HttpRequest, bodies: &mut Bodies) -> Option<GuestFrame> {
+    let echo = req.path != "/ping";
+    let slot = bodies.0.iter().position(Option::is_none);
+    if req.more_body {
+        match slot {
+            Some(s) => bodies.0[s] = Some(Body { id, echo }),
+            None => {
+                return Some(error(
+                    Some(id),
+                    ErrorKind::InvalidRequest,
+                    format!("the probe follows at most {MAX_BODIES} HTTP requests with a body at once"),
+                ))
+            }
+        }
+    }
+    let content_type = if echo {
+        req.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| String::from("application/octet-stream"))
+    } else {
+        String::from("application/json")
+    };
+    let reply = |reply| GuestFrame::Reply { id, reply };
+    send(
+        vsock,
+        &reply(Reply::HttpHead {
+            status: 200,
+            headers: vec![(String::from("content-type"), content_type)],
+        }),
+    );
+    let first = if echo {
+        req.body
+    } else {
+        br#"{"status":"Healthy"}"#.to_vec()
+    };
+    if !first.is_empty() {
+        send(vsock, &reply(Reply::HttpChunk { data: first }));
+    }
+    // With more body to come, `Done` follows the last piece.
+    (!req.more_body).then(|| reply(Reply::Done))
+}
+
+/// A piece of the body of `Http` request `request`, in frame `id`: echoed
+/// as a chunk of that request, answered with `Done`; the last piece also
+/// ends the request.
+fn http_body(
+    vsock: &mut vsock::Vsock,
+    id: RequestId,
+    request: RequestId,
+    data: Vec<u8>,
+    end: bool,
+    bodies: &mut Bodies,
+) -> GuestFrame {
+    let Some(slot) = bodies.0.iter().position(|b| b.is_some_and(|b| b.id == request)) else {
+        return error(
+            Some(id),
+            ErrorKind::InvalidRequest,
+            format!("no HTTP request with id {request} is waiting for body"),
+        );
+    };
+    let echo = bodies.0[slot].is_some_and(|b| b.echo);
+    if echo && !data.is_empty() {
+        send(
+            vsock,
+            &GuestFrame::Reply {
+                id: request,
+                reply: Reply::HttpChunk { data },
+            },
+        );
+    }
+    if !end {
+        return GuestFrame::Reply { id, reply: Reply::Done };
+    }
+    bodies.0[slot] = None;
+    send(vsock, &GuestFrame::Reply { id, reply: Reply::Done });
+    GuestFrame::Reply {
+        id: request,
+        reply: Reply::Done,
     }
 }
 

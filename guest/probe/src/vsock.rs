@@ -1,5 +1,6 @@
 //! A polled virtio-vsock driver with one stream connection to the host.
 
+use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 
 use warren_protocol::CONTROL_VSOCK_PORT;
@@ -44,6 +45,10 @@ pub enum Incoming<'a> {
     Control(&'a [u8]),
     /// The host closed or refused the connection.
     Closed,
+    /// Stream data held while sending: see [`Vsock::take_held`].
+    HeldData,
+    /// Control data held while sending: see [`Vsock::take_held_control`].
+    HeldControl,
 }
 
 /// The driver and its one connection.
@@ -60,6 +65,14 @@ pub struct Vsock {
     peer_fwd_cnt: u32,
     /// Receive buffer holding the last packet handed out, to re-offer.
     pending_rx: Option<u16>,
+    /// Stream data (host connection, control connection) that arrived
+    /// while [`Vsock::send_data`] waited for credit: the host may send
+    /// while the probe does (an HTTP body while its echo goes back), and
+    /// those bytes must not be lost.
+    held: Vec<u8>,
+    held_control: Vec<u8>,
+    /// The host closed the connection while the probe was sending.
+    closed: bool,
 }
 
 fn u32_at(b: &[u8], o: usize) -> u32 {
@@ -110,6 +123,9 @@ impl Vsock {
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
             pending_rx: None,
+            held: Vec::new(),
+            held_control: Vec::new(),
+            closed: false,
         })
     }
 
@@ -191,45 +207,75 @@ impl Vsock {
     }
 
     /// Waits for the next data or close from the host, halted (not
-    /// spinning) while nothing has arrived.
+    /// spinning) while nothing has arrived. Data held while sending comes
+    /// first (as `HeldData` / `HeldControl`: take it with
+    /// [`Vsock::take_held`] / [`Vsock::take_held_control`]).
     pub fn recv(&mut self) -> Incoming<'static> {
+        if !self.held_control.is_empty() {
+            return Incoming::HeldControl;
+        }
+        if !self.held.is_empty() {
+            return Incoming::HeldData;
+        }
+        if self.closed {
+            return Incoming::Closed;
+        }
         loop {
             let Some(op) = self.next_packet_op() else {
                 crate::interrupts::wait();
                 self.dev.ack_interrupt();
                 continue;
             };
-            let slot = self.pending_rx.unwrap_or(0);
-            let b = self.rx_buf(slot);
-            match op {
-                op::RW if u32_at(b, 20) == CONTROL_VSOCK_PORT => {
-                    let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
-                    return Incoming::Control(&b[HDR_LEN..HDR_LEN + len]);
-                }
-                op::RW => {
-                    let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(len as u32);
-                    if self.fwd_cnt.wrapping_sub(self.fwd_cnt_reported) >= BUF_ALLOC / 2 {
-                        // Report freed space before the host runs out of credit.
-                        self.send(op::CREDIT_UPDATE, &[]);
-                    }
-                    return Incoming::Data(&b[HDR_LEN..HDR_LEN + len]);
-                }
-                op::CREDIT_REQUEST => self.send(op::CREDIT_UPDATE, &[]),
-                op::REQUEST => {
-                    // The probe listens only on the control port.
-                    let (src, dst) = (u32_at(b, 16), u32_at(b, 20));
-                    let answer = if dst == CONTROL_VSOCK_PORT {
-                        op::RESPONSE
-                    } else {
-                        op::RST
-                    };
-                    self.send_as(answer, dst, src, &[]);
-                }
-                op::RST | op::SHUTDOWN if u32_at(b, 20) == LOCAL_PORT => return Incoming::Closed,
-                _ => {}
+            if let Some(incoming) = self.handle(op) {
+                return incoming;
             }
         }
+    }
+
+    /// Data held while sending.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.held)
+    }
+
+    /// Control data held while sending.
+    pub fn take_held_control(&mut self) -> Vec<u8> {
+        core::mem::take(&mut self.held_control)
+    }
+
+    /// Acts on the packet `next_packet_op` just took; what the caller
+    /// should see of it, if anything.
+    fn handle(&mut self, op: u16) -> Option<Incoming<'static>> {
+        let slot = self.pending_rx.unwrap_or(0);
+        let b = self.rx_buf(slot);
+        match op {
+            op::RW if u32_at(b, 20) == CONTROL_VSOCK_PORT => {
+                let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
+                return Some(Incoming::Control(&b[HDR_LEN..HDR_LEN + len]));
+            }
+            op::RW => {
+                let len = (u32_at(b, 24) as usize).min(BUF_LEN - HDR_LEN);
+                self.fwd_cnt = self.fwd_cnt.wrapping_add(len as u32);
+                if self.fwd_cnt.wrapping_sub(self.fwd_cnt_reported) >= BUF_ALLOC / 2 {
+                    // Report freed space before the host runs out of credit.
+                    self.send(op::CREDIT_UPDATE, &[]);
+                }
+                return Some(Incoming::Data(&b[HDR_LEN..HDR_LEN + len]));
+            }
+            op::CREDIT_REQUEST => self.send(op::CREDIT_UPDATE, &[]),
+            op::REQUEST => {
+                // The probe listens only on the control port.
+                let (src, dst) = (u32_at(b, 16), u32_at(b, 20));
+                let answer = if dst == CONTROL_VSOCK_PORT {
+                    op::RESPONSE
+                } else {
+                    op::RST
+                };
+                self.send_as(answer, dst, src, &[]);
+            }
+            op::RST | op::SHUTDOWN if u32_at(b, 20) == LOCAL_PORT => return Some(Incoming::Closed),
+            _ => {}
+        }
+        None
     }
 
     /// Sends `data`, in packets the host has credit for.
@@ -238,9 +284,19 @@ impl Vsock {
             let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
             let credit = self.peer_buf_alloc.saturating_sub(in_flight) as usize;
             if credit == 0 {
-                // Wait for the host to report freed space.
-                self.recycle();
-                let _ = self.next_packet_op();
+                // Wait for the host to report freed space; whatever it
+                // sends meanwhile is kept for `recv`.
+                if let Some(op) = self.next_packet_op() {
+                    match self.handle(op) {
+                        Some(Incoming::Data(d)) => self.held.extend_from_slice(d),
+                        Some(Incoming::Control(d)) => self.held_control.extend_from_slice(d),
+                        Some(Incoming::Closed) => {
+                            self.closed = true;
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
                 continue;
             }
             let n = data.len().min(BUF_LEN - HDR_LEN).min(credit);
