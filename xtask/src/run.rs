@@ -154,7 +154,7 @@ fn runtime_session(agent: &ureq::Agent) -> Result<()> {
         .send_string(r#"{"prompt": "hi"}"#)
         .map_err(|e| anyhow::anyhow!("invocation: {e}"))?;
     println!(
-        "X-Session-Id: {} (send it again to reach the same microVM)",
+        "X-Session-Id: {} (send it again to reach the same guest)",
         res.header("x-session-id").unwrap_or("")
     );
     for line in std::io::BufReader::new(res.into_reader()).lines() {
