@@ -3,58 +3,18 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+mod common;
+
 use warren_protocol::client::{AgentClient, ClientError};
 use warren_protocol::*;
 
-struct Agent {
-    child: Child,
-    client: AgentClient<UnixStream, UnixStream>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
-        .arg("--transport")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--once")
-        .arg("--log=warn")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("guest-agent did not connect: {e}"),
-        }
-    };
-    stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
-    Agent {
-        child,
-        client,
-        _dir: dir,
-    }
+fn start() -> common::Agent {
+    common::start_with(Duration::from_secs(60))
 }
 
 /// A tiny_http server on a free port, each request handled by `handler` on

@@ -1,57 +1,14 @@
 //! guest-agent as an ordinary process, served over a Unix socket: every
 //! request kind, streaming, timeouts, kills, concurrency and hostile frames.
 
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use warren_protocol::client::{AgentClient, ClientError};
+mod common;
+
+use common::start;
+use warren_protocol::client::ClientError;
 use warren_protocol::*;
-
-struct Agent {
-    child: Child,
-    client: AgentClient<UnixStream, UnixStream>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start() -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_guest-agent"))
-        .arg("--transport")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--once")
-        .arg("--log=warn")
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => panic!("guest-agent did not connect: {e}"),
-        }
-    };
-    stream.set_nonblocking(false).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let client = AgentClient::handshake(stream.try_clone().unwrap(), stream).unwrap();
-    Agent {
-        child,
-        client,
-        _dir: dir,
-    }
-}
 
 fn sh(script: &str) -> ExecRequest {
     ExecRequest {
