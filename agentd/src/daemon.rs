@@ -478,7 +478,12 @@ impl Daemon {
         }
         let endpoint = req.endpoint.as_deref().unwrap_or(runtimes::DEFAULT_ENDPOINT);
         let v = runtimes::resolve(&self.inner.store, &name, endpoint)?;
-        let req = CreateSession {
+        Ok((Self::session_request_of(&v), Some(v)))
+    }
+
+    /// The session settings a runtime version fixes.
+    fn session_request_of(v: &RuntimeVersion) -> CreateSession {
+        CreateSession {
             image: Some(v.image.clone()),
             vcpus: Some(v.vcpus),
             memory_mib: Some(v.memory_mib),
@@ -486,8 +491,7 @@ impl Daemon {
             max_lifetime_s: Some(v.max_lifetime_s),
             runtime: None,
             endpoint: None,
-        };
-        Ok((req, Some(v)))
+        }
     }
 
     /// Resolves a runtime spec against the node's defaults and limits.
@@ -520,11 +524,20 @@ impl Daemon {
     }
 
     async fn create(&self, req: CreateSession) -> Result<SessionInfo, ApiError> {
+        let (req, runtime) = self.runtime_request(req)?;
+        self.create_resolved(req, runtime).await
+    }
+
+    /// Creates a session whose runtime version, if any, is already resolved.
+    async fn create_resolved(
+        &self,
+        req: CreateSession,
+        runtime: Option<RuntimeVersion>,
+    ) -> Result<SessionInfo, ApiError> {
         let started = Instant::now();
         if self.inner.draining.load(Ordering::Acquire) {
             return Err(ApiError::unavailable("agentd is draining: no new sessions"));
         }
-        let (req, runtime) = self.runtime_request(req)?;
         let (key, idle_timeout_s, max_lifetime_s) = self.key_for(&req)?;
         let pool = self.inner.pools.iter().find(|p| p.key == key).cloned();
         let (taken, dead) = match &pool {
@@ -804,7 +817,7 @@ impl control_api::Node for Daemon {
             .clone()
             .unwrap_or_else(|| runtimes::DEFAULT_ENDPOINT.into());
         runtimes::check_name("endpoint", &endpoint)?;
-        runtimes::resolve(&self.inner.store, &runtime, &endpoint)?;
+        let version = runtimes::resolve(&self.inner.store, &runtime, &endpoint)?;
         let client_sid = inv.session_id.clone().unwrap_or_else(|| {
             let h = random_hex(16);
             format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
@@ -824,11 +837,7 @@ impl control_api::Node for Daemon {
             Some(s) => s,
             None => {
                 let info = self
-                    .create(CreateSession {
-                        runtime: Some(runtime.clone()),
-                        endpoint: Some(endpoint.clone()),
-                        ..Default::default()
-                    })
+                    .create_resolved(Self::session_request_of(&version), Some(version))
                     .await?;
                 let winner = {
                     let mut map = self.inner.affinity.lock().unwrap_or_else(|p| p.into_inner());

@@ -147,10 +147,11 @@ pub fn versions(store: &Store, name: &str) -> Result<Vec<RuntimeVersion>, ApiErr
             rows.collect()
         })
         .map_err(db)?;
-    records
-        .iter()
-        .map(|r| serde_json::from_str(r).map_err(|e| ApiError::internal(format!("stored version of {name}: {e}"))))
-        .collect()
+    records.iter().map(|r| decode_version(name, r)).collect()
+}
+
+fn decode_version(name: &str, record: &str) -> Result<RuntimeVersion, ApiError> {
+    serde_json::from_str(record).map_err(|e| ApiError::internal(format!("stored version of {name}: {e}")))
 }
 
 /// The version `endpoint` serves.
@@ -161,14 +162,22 @@ pub fn resolve(store: &Store, name: &str, endpoint: &str) -> Result<RuntimeVersi
             "runtime {name} has no endpoint {endpoint}"
         )));
     };
-    versions(store, name)?
-        .into_iter()
-        .find(|v| v.version == version)
-        .ok_or_else(|| {
-            ApiError::internal(format!(
-                "endpoint {endpoint} of {name} points at missing version {version}"
-            ))
+    let record: Option<String> = store
+        .with(|c| {
+            c.query_row(
+                "SELECT record FROM runtime_versions WHERE name = ?1 AND version = ?2",
+                params![name, version],
+                |r| r.get(0),
+            )
+            .optional()
         })
+        .map_err(db)?;
+    let record = record.ok_or_else(|| {
+        ApiError::internal(format!(
+            "endpoint {endpoint} of {name} points at missing version {version}"
+        ))
+    })?;
+    decode_version(name, &record)
 }
 
 /// Points `endpoint` at `version` (roll forward or back).

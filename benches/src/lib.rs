@@ -37,6 +37,15 @@ impl Summary {
     }
 }
 
+/// `p50/p99` of a [`Summary::json`] object, for benchmark tables.
+pub fn p50_p99(v: &serde_json::Value) -> String {
+    format!(
+        "{:.2}/{:.2}",
+        v["p50"].as_f64().unwrap_or(0.0),
+        v["p99"].as_f64().unwrap_or(0.0)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,12 @@ impl ChannelBody {
     /// A body and the sender that feeds it, holding up to `depth` chunks.
     pub fn channel(depth: usize) -> (mpsc::Sender<Bytes>, ResponseBody) {
         let (tx, rx) = mpsc::channel(depth);
-        (tx, ChannelBody { rx }.boxed_unsync())
+        (tx, Self::from_receiver(rx))
+    }
+
+    /// A body fed by an existing channel.
+    pub fn from_receiver(rx: mpsc::Receiver<Bytes>) -> ResponseBody {
+        ChannelBody { rx }.boxed_unsync()
     }
 }
 

@@ -280,16 +280,9 @@ async fn invoke<N: Node>(
         body: rx,
     };
     let answer = node.invoke(runtime, inv).await?;
-    let (btx, rbody) = ChannelBody::channel(8);
-    let mut agent_body = answer.body;
-    tokio::spawn(async move {
-        while let Some(chunk) = agent_body.recv().await {
-            if btx.send(chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut r = Response::new(rbody);
+    // The agent's body goes out as it comes: the node's channel is the
+    // response body itself, no copy through another task.
+    let mut r = Response::new(ChannelBody::from_receiver(answer.body));
     *r.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     for (k, v) in &answer.headers {
         if let (Ok(k), Ok(v)) = (

@@ -157,13 +157,7 @@ fn main() -> Result<()> {
         "backend", "pool", "handout p50/99", "1st rtt p50/99", "total p50/99", "host p50/99", "guest p50/99"
     );
     for r in &results {
-        let f = |k: &str| {
-            format!(
-                "{:.2}/{:.2}",
-                r[k]["p50"].as_f64().unwrap_or(0.0),
-                r[k]["p99"].as_f64().unwrap_or(0.0)
-            )
-        };
+        let f = |k: &str| warren_benches::p50_p99(&r[k]);
         println!(
             "{:<10} {:<6} {:>14} {:>14} {:>14} {:>14} {:>14}",
             r["backend"].as_str().unwrap_or(""),

@@ -270,13 +270,7 @@ fn main() -> Result<()> {
         "backend", "payload", "raw p50/p99", "agentd p50/p99", "overhead p50/p99"
     );
     for r in &results {
-        let f = |k: &str| {
-            format!(
-                "{:.2}/{:.2}",
-                r[k]["p50"].as_f64().unwrap_or(0.0),
-                r[k]["p99"].as_f64().unwrap_or(0.0)
-            )
-        };
+        let f = |k: &str| warren_benches::p50_p99(&r[k]);
         println!(
             "{:<10} {:>10} {:>16} {:>16} {:>18}",
             r["backend"].as_str().unwrap_or(""),
