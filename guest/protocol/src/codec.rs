@@ -183,6 +183,7 @@ mod tests {
                 data: vec![1; 300],
                 end: true,
             },
+            Request::EntrypointStatus,
         ]
     }
 
@@ -220,6 +221,21 @@ mod tests {
             Reply::HttpChunk {
                 data: b"data: 1\n\n".to_vec(),
             },
+            Reply::Entrypoint(EntrypointState::None),
+            Reply::Entrypoint(EntrypointState::Running {
+                pid: 7,
+                argv: vec!["/bin/agent".into()],
+            }),
+            Reply::Entrypoint(EntrypointState::Exited {
+                argv: vec!["x".into()],
+                status: ExitStatus {
+                    code: Some(3),
+                    signal: None,
+                    timed_out: false,
+                    duration_ns: 1,
+                },
+            }),
+            Reply::Entrypoint(EntrypointState::Failed { message: "no".into() }),
         ];
         let mut frames: Vec<GuestFrame> = replies
             .into_iter()
@@ -279,11 +295,7 @@ mod tests {
         // check would misclassify frames.
         let last = encode_frame(&HostFrame {
             id: 0,
-            request: Request::HttpBody {
-                request: 0,
-                data: Vec::new(),
-                end: false,
-            },
+            request: Request::EntrypointStatus,
         })
         .unwrap();
         // id 0 is one varint byte; the tag follows.

@@ -126,12 +126,16 @@ pub enum Request {
         /// No more body after this piece.
         end: bool,
     },
+    /// How the image's entrypoint (the program the image's metadata names,
+    /// which guest-agent starts and supervises once the root file system
+    /// is in place) is doing. Answered with [`Reply::Entrypoint`].
+    EntrypointStatus,
 }
 
 impl Request {
     /// Number of variants this build knows. A frame naming a variant index
     /// at or above it is an unknown request, not a malformed one.
-    pub const VARIANTS: u32 = 14;
+    pub const VARIANTS: u32 = 15;
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
@@ -150,6 +154,7 @@ impl Request {
             Request::ReadDisk { .. } => "read_disk",
             Request::Http(_) => "http",
             Request::HttpBody { .. } => "http_body",
+            Request::EntrypointStatus => "entrypoint_status",
         }
     }
 }
@@ -295,6 +300,34 @@ pub enum Reply {
     HttpChunk {
         /// The bytes.
         data: Vec<u8>,
+    },
+    /// Answer to [`Request::EntrypointStatus`] (final).
+    Entrypoint(EntrypointState),
+}
+
+/// The image entrypoint's state, as guest-agent supervises it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntrypointState {
+    /// The image names no entrypoint (or the guest has no image metadata).
+    None,
+    /// Running with this pid, started this many times so far.
+    Running {
+        /// Its pid in the guest.
+        pid: u32,
+        /// Its argv.
+        argv: Vec<String>,
+    },
+    /// It ended; guest-agent does not restart it.
+    Exited {
+        /// Its argv.
+        argv: Vec<String>,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// It could not be started (no such program, bad metadata, …).
+    Failed {
+        /// Why.
+        message: String,
     },
 }
 
