@@ -6,8 +6,10 @@
 //!   truncated or corrupted entry is detected and rebuilt instead of booted.
 //! - [`initramfs`]: a deterministic newc cpio writer for the guest's initramfs
 //!   (`/init` = guest-agent, plus busybox for a debug shell).
+//! - [`ext4`]: a directory tree → a shrunk, read-only ext4 root file system.
 
 pub mod cache;
+pub mod ext4;
 pub mod initramfs;
 
 pub use cache::{Cache, CacheError, Entry};

@@ -1,7 +1,7 @@
 //! `cargo xtask`: build automation for Warren.
 //!
 //! - `kernel`  — build the guest kernel (cached by its inputs' hash)
-//! - `images`  — build guest-agent (static) and the initramfs (cached)
+//! - `images`  — build guest-agent (static), the initramfs and the python image (cached)
 //! - `build`   — both
 //! - `run`     — build everything and run the main job
 //! - `test`    — lint, build what tests need, run every test
@@ -11,6 +11,7 @@ mod images;
 mod kernel;
 mod packages;
 mod probe;
+mod python_image;
 mod run;
 mod sh;
 mod test;
@@ -33,7 +34,7 @@ struct Cli {
 enum Cmd {
     /// Build the guest kernel from Debian's linux-source-6.1.
     Kernel,
-    /// Build guest-agent and the initramfs.
+    /// Build guest-agent, the initramfs and the python root file system.
     Images,
     /// Build the kernel and the images.
     Build,
@@ -67,10 +68,12 @@ fn main() -> Result<()> {
         }
         Cmd::Images => {
             println!("{}", images::build_initramfs(&cache)?.display());
+            println!("{}", python_image::build(&cache)?.display());
         }
         Cmd::Build => {
             println!("{}", kernel::build(&cache)?.display());
             println!("{}", images::build_initramfs(&cache)?.display());
+            println!("{}", python_image::build(&cache)?.display());
         }
         Cmd::Probe => {
             println!("{}", probe::build()?.display());

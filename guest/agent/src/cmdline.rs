@@ -10,6 +10,11 @@ pub struct KernelOptions {
     pub transport: Option<String>,
     /// `warren.hostname=NAME`.
     pub hostname: Option<String>,
+    /// `warren.root=DEVICE`: the image's root file system, mounted
+    /// read-only under a tmpfs overlay and switched into.
+    pub root: Option<String>,
+    /// `warren.rootfstype=TYPE` (default ext4).
+    pub rootfstype: Option<String>,
 }
 
 impl KernelOptions {
@@ -21,6 +26,10 @@ impl KernelOptions {
                 opts.transport = Some(v.to_string());
             } else if let Some(v) = word.strip_prefix("warren.hostname=") {
                 opts.hostname = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("warren.root=") {
+                opts.root = Some(v.to_string());
+            } else if let Some(v) = word.strip_prefix("warren.rootfstype=") {
+                opts.rootfstype = Some(v.to_string());
             }
         }
         opts
@@ -43,6 +52,9 @@ mod tests {
         let o = KernelOptions::parse("console=ttyS0 warren.transport=port:warren.0 quiet warren.hostname=box-1\n");
         assert_eq!(o.transport.as_deref(), Some("port:warren.0"));
         assert_eq!(o.hostname.as_deref(), Some("box-1"));
+        let o = KernelOptions::parse("warren.root=/dev/vda warren.rootfstype=ext4");
+        assert_eq!(o.root.as_deref(), Some("/dev/vda"));
+        assert_eq!(o.rootfstype.as_deref(), Some("ext4"));
     }
 
     #[test]

@@ -12,14 +12,19 @@ use nix::unistd::{sethostname, sync, Pid};
 /// Hostname when the command line names none.
 const DEFAULT_HOSTNAME: &str = "warren";
 
-/// Mounts proc, sysfs, devtmpfs and the tmpfs file systems. Failures are
-/// logged, not fatal: a guest with a missing mount can still answer the
-/// host, which then sees what is wrong.
-pub fn mount_basics() {
+/// Mounts proc, sysfs and devtmpfs (what finding and switching to a root
+/// device needs). Failures are logged, not fatal: a guest with a missing
+/// mount can still answer the host, which then sees what is wrong.
+pub fn mount_kernel_fs() {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", "proc", nodev, None);
     mount_fs("sysfs", "/sys", "sysfs", nodev, None);
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+}
+
+/// Mounts the tmpfs file systems (`/dev/shm`, `/tmp`, `/run`) on the final
+/// root, and sets a default `PATH`.
+pub fn mount_tmpfs() {
     mount_fs(
         "tmpfs",
         "/dev/shm",

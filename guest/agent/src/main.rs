@@ -11,12 +11,14 @@
 //! reboot(2) at shutdown (which ends the PID namespace) remain.
 
 mod cmdline;
+mod entrypoint;
 mod exec;
 mod files;
 mod http;
 mod init;
 mod outbox;
 mod reaper;
+mod rootfs;
 mod server;
 mod transport;
 
@@ -50,6 +52,10 @@ struct Args {
     /// ends in reboot(2), which ends the sandbox's PID namespace.
     #[arg(long)]
     sandboxed: bool,
+    /// Image metadata naming the entrypoint to start and supervise.
+    /// Default: /etc/warren/image.json when PID 1, none otherwise.
+    #[arg(long)]
+    image_metadata: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -65,14 +71,23 @@ fn main() {
     // overlay's upper directory, which agentd scrubs.
     let prepare = pid1 && !args.sandboxed;
     if prepare {
-        init::mount_basics();
-    } else if pid1 {
-        init::default_path();
+        init::mount_kernel_fs();
     }
     // Only readable once /proc is mounted.
     let kernel = KernelOptions::from_proc();
     if prepare {
+        if let Some(dev) = &kernel.root {
+            let fstype = kernel.rootfstype.as_deref().unwrap_or("ext4");
+            // On failure the guest stays in the initramfs and still
+            // answers: the host sees the missing entrypoint and the log.
+            if let Err(e) = rootfs::switch(dev, fstype) {
+                tracing::error!(error = %e, device = %dev, "cannot switch to the image's root; staying in the initramfs");
+            }
+        }
+        init::mount_tmpfs();
         init::set_hostname(kernel.hostname.as_deref());
+    } else if pid1 {
+        init::default_path();
     }
     let transport = match args.transport.clone() {
         Some(t) => t,
@@ -85,9 +100,21 @@ fn main() {
             None => Transport::Vsock(warren_protocol::AGENT_VSOCK_PORT),
         },
     };
+    let reaper = reaper::Reaper::start();
+    let metadata = args
+        .image_metadata
+        .clone()
+        .or_else(|| pid1.then(|| entrypoint::METADATA_PATH.into()));
+    // Started before the host connection so that a slow entrypoint (the
+    // interpreter preloading its libraries) warms up while the pool waits.
+    let entrypoint = match metadata {
+        Some(path) => entrypoint::Supervisor::start(&reaper, &path),
+        None => entrypoint::Supervisor::none(),
+    };
     let agent = Arc::new(Agent {
-        reaper: reaper::Reaper::start(),
+        reaper,
         running: exec::Running::default(),
+        entrypoint,
     });
     let once = args.once && !pid1;
     loop {

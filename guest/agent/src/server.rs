@@ -21,6 +21,8 @@ pub struct Agent {
     pub reaper: Reaper,
     /// Execs in flight.
     pub running: Running,
+    /// The image's entrypoint.
+    pub entrypoint: std::sync::Arc<crate::entrypoint::Supervisor>,
 }
 
 /// Why a connection's serve loop returned.
@@ -97,6 +99,9 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox, bodies: &Arc<Bod
             spawn_handler(move || exec::run(&agent.reaper, &agent.running, id, req, &out));
         }
         Request::Http(req) => http::start(id, req, out, bodies),
+        Request::EntrypointStatus => {
+            out.reply(id, Reply::Entrypoint(agent.entrypoint.state()));
+        }
         Request::HttpBody { request, data, end } => bodies.deliver(id, request, data, end, out),
         Request::BurnCpu { .. }
         | Request::TouchMemory { .. }

@@ -25,6 +25,11 @@ impl Drop for Agent {
 
 /// Starts guest-agent and handshakes; replies may take up to `read_timeout`.
 pub fn start_with(read_timeout: Duration) -> Agent {
+    start_with_args(read_timeout, &[])
+}
+
+/// Starts guest-agent with extra arguments.
+pub fn start_with_args(read_timeout: Duration, extra: &[String]) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -34,6 +39,7 @@ pub fn start_with(read_timeout: Duration) -> Agent {
         .arg(format!("unix:{}", sock.display()))
         .arg("--once")
         .arg("--log=warn")
+        .args(extra)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
