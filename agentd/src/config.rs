@@ -42,6 +42,12 @@ pub enum ConfigError {
 
 /// The sample agent server the initramfs ships (`guest/sample-agent`).
 pub const SAMPLE_AGENT: &str = "/usr/bin/warren-sample-agent";
+/// Memory of the default `python` pool's guests: the interpreter with
+/// numpy, pandas and matplotlib loaded is about 100 MiB resident.
+pub const PYTHON_MEMORY_MIB: u32 = 512;
+/// Where the python image's interpreter server listens (its metadata says
+/// so too: label `warren.interpreter.port`).
+pub const PYTHON_INTERPRETER_PORT: u16 = 8421;
 
 /// Which isolation backend new guests get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -115,8 +121,38 @@ pub struct Config {
     pub sessions: SessionDefaults,
     /// Images by name. Default: `base` from the artifact cache.
     pub images: BTreeMap<String, ImageConfig>,
-    /// Warm pools. Default: one pool of 2 `base` guests, 1 vCPU, 256 MiB.
+    /// Warm pools. Default: 2 `base` guests (1 vCPU, 256 MiB) and 1
+    /// `python` guest (1 vCPU, 512 MiB).
     pub pool: Vec<PoolConfig>,
+    /// Where imported images live, and their limits.
+    pub image_store: ImageStoreConfig,
+}
+
+/// The image store: OCI images imported with `POST /v1/images`
+/// (`agentctl image import`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageStoreConfig {
+    /// Directory. Default `<data_dir>/image-store`.
+    pub dir: Option<PathBuf>,
+    /// Largest image (unpacked content and ext4 file). Default 4096.
+    pub max_image_mib: u64,
+    /// Most layers an image may have. Default 128.
+    pub max_layers: usize,
+    /// The image whose kernel and initramfs (guest-agent) imported images
+    /// boot with. Default `base`.
+    pub boot_image: String,
+}
+
+impl Default for ImageStoreConfig {
+    fn default() -> Self {
+        ImageStoreConfig {
+            dir: None,
+            max_image_mib: 4096,
+            max_layers: 128,
+            boot_image: "base".into(),
+        }
+    }
 }
 
 /// Host capacity: beyond it new sessions get 429.
@@ -162,6 +198,17 @@ pub struct ImageConfig {
     /// Extra kernel command line (microvm).
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Root file system (ext4, used read-only): the VM's virtio-blk disk,
+    /// which guest-agent switches into (microvm), or the loop-mounted
+    /// bottom layer of the sandbox's overlay (namespace). None: the
+    /// initramfs is the root.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// Loopback port of the image's code interpreter server (the python
+    /// image's entrypoint serves Python and JavaScript on 8421). None: the
+    /// image runs shell code only.
+    #[serde(default)]
+    pub interpreter_port: Option<u16>,
     /// The image's agent server, started in a session's guest before its
     /// first invocation (it must serve `GET /ping` and `POST /invocations`
     /// on port 8080). None: the image starts its own, or has none.
@@ -233,7 +280,20 @@ impl Default for Config {
                 kernel: Some(cache.join("vmlinux")),
                 initramfs: Some(cache.join("initramfs.cpio")),
                 cmdline: None,
+                rootfs: None,
+                interpreter_port: None,
                 agent_command: Some(vec![SAMPLE_AGENT.into()]),
+            },
+        );
+        images.insert(
+            "python".to_string(),
+            ImageConfig {
+                kernel: Some(cache.join("vmlinux")),
+                initramfs: Some(cache.join("initramfs.cpio")),
+                cmdline: None,
+                rootfs: Some(cache.join("python.ext4")),
+                interpreter_port: Some(PYTHON_INTERPRETER_PORT),
+                agent_command: None,
             },
         );
         Config {
@@ -250,13 +310,23 @@ impl Default for Config {
             capacity: Capacity::default(),
             sessions: SessionDefaults::default(),
             images,
-            pool: vec![PoolConfig {
-                image: "base".into(),
-                vcpus: 1,
-                memory_mib: 256,
-                target: 2,
-                refill_concurrency: 1,
-            }],
+            pool: vec![
+                PoolConfig {
+                    image: "base".into(),
+                    vcpus: 1,
+                    memory_mib: 256,
+                    target: 2,
+                    refill_concurrency: 1,
+                },
+                PoolConfig {
+                    image: "python".into(),
+                    vcpus: 1,
+                    memory_mib: PYTHON_MEMORY_MIB,
+                    target: 1,
+                    refill_concurrency: 1,
+                },
+            ],
+            image_store: ImageStoreConfig::default(),
         }
     }
 }
@@ -344,7 +414,15 @@ impl Config {
         Ok(())
     }
 
-    /// The API's Unix socket.
+    /// The image store's directory.
+    pub fn image_store_dir(&self) -> PathBuf {
+        self.image_store
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("image-store"))
+    }
+
+    /// The API's Unix socket path.
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()

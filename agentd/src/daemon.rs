@@ -19,6 +19,8 @@ use crate::store::{GuestRecord, Store};
 
 pub(crate) mod code;
 mod exec;
+mod images;
+mod interpreter;
 mod invoke;
 
 /// How often live metering is sampled and timeouts are checked.
@@ -44,6 +46,10 @@ struct Inner {
     refillers: AtomicU32,
     /// (runtime, client session id) → session, for invocation affinity.
     affinity: Mutex<HashMap<(String, String), String>>,
+    /// Imported images.
+    image_store: crate::image_store::ImageStore,
+    /// Imports in progress, by name (two imports of one name must not race).
+    importing: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
@@ -92,9 +98,13 @@ impl Daemon {
                 isolation: backends.kind.isolation().into(),
             })
             .set(1);
+        let image_store = crate::image_store::ImageStore::new(&cfg);
+        images::register_stored(&image_store, &backends);
         let d = Daemon {
             inner: Arc::new(Inner {
                 max_memory_mib: cfg.max_memory_mib(),
+                image_store,
+                importing: Mutex::new(Default::default()),
                 cfg,
                 backends,
                 store,
@@ -407,7 +417,21 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        if let Some(ns) = self.inner.backends.namespace() {
+            let n = tokio::task::block_in_place(|| ns.release_images());
+            if n > 0 {
+                tracing::info!(count = n, "unmounted the images' root file systems");
+            }
+        }
         tracing::info!("drained");
+    }
+
+    /// The port of the code interpreter of the session's image, if any.
+    fn interpreter_port(&self, s: &Session) -> Option<u16> {
+        self.inner
+            .backends
+            .image(&s.snapshot().image)
+            .and_then(|i| i.interpreter_port)
     }
 
     /// A running code-interpreter session.
@@ -511,13 +535,9 @@ impl Daemon {
             runtime: None,
             endpoint: None,
         })?;
-        let command = spec.command.or_else(|| {
-            self.inner
-                .cfg
-                .images
-                .get(&key.image)
-                .and_then(|i| i.agent_command.clone())
-        });
+        let command = spec
+            .command
+            .or_else(|| self.inner.backends.image(&key.image).and_then(|i| i.agent_command));
         Ok(runtimes::version_record(
             runtime, version, &key, spec.env, idle, life, command,
         ))
@@ -785,7 +805,8 @@ impl control_api::Node for Daemon {
 
     async fn invoke_tool(&self, id: String, call: ToolCall) -> Result<serde_json::Value, ApiError> {
         let s = self.code_session(&id)?;
-        code::invoke(&s, call).await
+        let port = self.interpreter_port(&s);
+        code::invoke(&s, call, port).await
     }
 
     async fn invoke_tool_stream(
@@ -801,6 +822,9 @@ impl control_api::Node for Daemon {
                     "{other} has no streaming variant: only executeCommand and executeCode stream"
                 )))
             }
+        }
+        if let (Some(port), Some((language, code, timeout))) = (self.interpreter_port(&s), code::interpreted(&call)?) {
+            return interpreter::execute(&s, port, language, &code, timeout).await;
         }
         let (argv, timeout) = code::command_of(&call)?;
         code::run_streaming(&s, argv, timeout).await
@@ -868,6 +892,18 @@ impl control_api::Node for Daemon {
             .get_or_try_init(|| invoke::start_agent(&session, &version))
             .await?;
         invoke::forward(session, client_sid, inv).await
+    }
+
+    fn list_images(&self) -> Result<Vec<ImageInfo>, ApiError> {
+        Ok(self.images_list())
+    }
+
+    async fn import_image(&self, req: ImportImage) -> Result<ImageInfo, ApiError> {
+        self.image_import(req).await
+    }
+
+    async fn delete_image(&self, name: String) -> Result<ImageInfo, ApiError> {
+        self.image_delete(&name).await
     }
 
     fn health(&self) -> Health {

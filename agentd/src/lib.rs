@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod guest_conn;
+pub mod image_store;
 pub mod meter;
 pub mod metrics;
 pub mod pool;

@@ -50,6 +50,7 @@ fn setup(name: &str) -> Setup {
     let spec = SandboxSpec {
         id: unique(name),
         image_root: image_root().to_path_buf(),
+        agent_layer: None,
         memory_mib: 128,
         vcpus: 1,
         hostname: format!("box-{name}"),
@@ -357,6 +358,7 @@ fn failed_start_cleans_up_and_says_why() {
     std::fs::write(bad.join("init"), "not an executable").unwrap();
     let spec = SandboxSpec {
         image_root: bad,
+        agent_layer: None,
         ..s.spec.clone()
     };
     let mut sb = Sandbox::start(&s.cfg, &s.cgroups, &spec).expect("start");

@@ -422,3 +422,31 @@ pub struct ToolCall {
     #[serde(default)]
     pub arguments: serde_json::Value,
 }
+
+/// `POST /v1/images`: import an OCI image layout directory or a
+/// `docker save` tarball from a path on agentd's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    /// The new image's name (`[a-z0-9][a-z0-9._-]{0,62}`).
+    pub name: String,
+    /// Absolute path of the layout directory or tarball.
+    pub path: String,
+}
+
+/// An image sessions and runtimes can name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Name.
+    pub name: String,
+    /// `config` (agentd's configuration) or `imported`.
+    pub origin: String,
+    /// Root file system (ext4), when the image has one.
+    pub rootfs: Option<String>,
+    /// Its size.
+    pub rootfs_bytes: Option<u64>,
+    /// Port of its code interpreter, when it has one.
+    pub interpreter_port: Option<u16>,
+    /// Entrypoint, environment, working dir and user (imported images).
+    pub metadata: Option<serde_json::Value>,
+}

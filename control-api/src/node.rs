@@ -72,6 +72,12 @@ pub trait Node: Send + Sync + 'static {
     ) -> impl Future<Output = Result<mpsc::Receiver<serde_json::Value>, ApiError>> + Send;
     /// Ends a code-interpreter session.
     fn delete_code_session(&self, id: String) -> impl Future<Output = Result<SessionInfo, ApiError>> + Send;
+    /// The images sessions and runtimes can name.
+    fn list_images(&self) -> Result<Vec<ImageInfo>, ApiError>;
+    /// Imports an OCI image into the image store.
+    fn import_image(&self, req: ImportImage) -> impl Future<Output = Result<ImageInfo, ApiError>> + Send;
+    /// Removes an imported image.
+    fn delete_image(&self, name: String) -> impl Future<Output = Result<ImageInfo, ApiError>> + Send;
     /// Liveness and the node's backend.
     fn health(&self) -> Health;
     /// Pool state per key.

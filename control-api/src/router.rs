@@ -45,6 +45,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("GET", "/v1/pools"),
+    ("GET", "/v1/images"),
+    ("POST", "/v1/images"),
+    ("DELETE", "/v1/images/{name}"),
     ("POST", "/v1/sessions"),
     ("GET", "/v1/sessions"),
     ("GET", "/v1/sessions/{id}"),
@@ -89,6 +92,12 @@ async fn route<N: Node>(
             Ok(r)
         }
         (["v1", "pools"], &Method::GET) => json(StatusCode::OK, &node.pools()),
+        (["v1", "images"], &Method::GET) => json(StatusCode::OK, &node.list_images()?),
+        (["v1", "images"], &Method::POST) => {
+            let body = read_json(req).await?;
+            json(StatusCode::CREATED, &node.import_image(body).await?)
+        }
+        (["v1", "images", name], &Method::DELETE) => json(StatusCode::OK, &node.delete_image(name.to_string()).await?),
         (["v1", "sessions"], &Method::POST) => {
             let body = read_json(req).await?;
             let info = node.create_session(body).await?;

@@ -93,31 +93,47 @@ pub fn build(src: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4Image, Ex
             return Err(Ext4Error::TooLarge { bytes, limit });
         }
     }
-    // Room for metadata and block rounding of small files; resize2fs -M
-    // gives back what is not used.
-    let blocks = (bytes / 4096) * 3 / 2 + inodes + 16_384;
-    let inode_count = inodes + inodes / 4 + 1024;
-    let _ = std::fs::remove_file(out);
+    // Sized to the tree plus a little for metadata: mke2fs -d spreads
+    // files over the block groups, so an image made roomy and shrunk with
+    // resize2fs -M keeps about a third more than it needs. Too tight and
+    // mke2fs runs out of space: then grow and try again.
+    let inode_count = inodes + inodes / 8 + 256;
+    let mut blocks = bytes / 4096 + bytes / 4096 / 50 + inodes / 16 + 2048;
     let io = |source| Ext4Error::Io {
         path: out.to_path_buf(),
         source,
     };
-    let file = std::fs::File::create(out).map_err(io)?;
-    file.set_len(blocks * 4096).map_err(io)?;
-    drop(file);
-    run(
-        "mke2fs",
-        Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
-            .args(["-O", "^has_journal,^resize_inode"])
-            .args(["-N", &inode_count.to_string()])
-            .args(["-L", &opts.label, "-U", &opts.uuid])
-            .args(["-E", &format!("hash_seed={},root_owner=0:0", opts.uuid)])
-            .arg("-d")
-            .arg(src)
-            .arg(out)
-            .env("E2FSPROGS_FAKE_TIME", "1"),
-    )?;
+    let mut attempt = 0;
+    loop {
+        let _ = std::fs::remove_file(out);
+        let file = std::fs::File::create(out).map_err(io)?;
+        file.set_len(blocks * 4096).map_err(io)?;
+        drop(file);
+        let made = run(
+            "mke2fs",
+            Command::new("mke2fs")
+                .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
+                .args(["-O", "^has_journal,^resize_inode"])
+                .args(["-N", &inode_count.to_string()])
+                .args(["-L", &opts.label, "-U", &opts.uuid])
+                .args(["-E", &format!("hash_seed={},root_owner=0:0", opts.uuid)])
+                .arg("-d")
+                .arg(src)
+                .arg(out)
+                .env("E2FSPROGS_FAKE_TIME", "1"),
+        );
+        match made {
+            Ok(_) => break,
+            Err(_) if attempt < 6 => {
+                attempt += 1;
+                blocks += blocks / 8;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(out);
+                return Err(e);
+            }
+        }
+    }
     // resize2fs insists on a freshly checked file system.
     run("e2fsck", Command::new("e2fsck").args(["-f", "-y"]).arg(out))?;
     run("resize2fs", Command::new("resize2fs").args(["-M"]).arg(out))?;
@@ -176,7 +192,15 @@ fn run(tool: &'static str, cmd: &mut Command) -> Result<String, Ext4Error> {
     let out = cmd.output().map_err(|source| Ext4Error::Spawn { tool, source })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String = stderr
+            .lines()
+            .rev()
+            .take(8)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
         return Err(Ext4Error::Tool {
             tool,
             status: out.status.to_string(),

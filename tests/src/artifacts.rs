@@ -41,6 +41,12 @@ pub fn initramfs() -> Result<PathBuf, MissingArtifact> {
     find("initramfs", "WARREN_INITRAMFS", "images", "initramfs.cpio")
 }
 
+/// The python root file system: `$WARREN_PYTHON_IMAGE`, else the cache's
+/// `current/python.ext4`.
+pub fn python_image() -> Result<PathBuf, MissingArtifact> {
+    find("python image", "WARREN_PYTHON_IMAGE", "images", "python.ext4")
+}
+
 /// The probe guest: `$WARREN_PROBE`, else where `cargo xtask probe` builds it.
 pub fn probe() -> Result<PathBuf, MissingArtifact> {
     let looked = std::env::var_os("WARREN_PROBE").map(PathBuf::from).unwrap_or_else(|| {

@@ -23,7 +23,7 @@ use warren_images::{cache::key_of, Cache};
 use crate::{packages, sh};
 
 /// Bump when the recipe changes in a way the inputs below do not show.
-const RECIPE_VERSION: &str = "python-image-1";
+const RECIPE_VERSION: &str = "python-image-2";
 const SUITE: &str = "bookworm";
 /// Installed on top of minbase.
 const PACKAGES: &[&str] = &[
@@ -169,8 +169,10 @@ fn mirror() -> Result<String> {
 pub fn build(cache: &Cache) -> Result<PathBuf> {
     packages::ensure(&["debootstrap", "e2fsprogs"])?;
     let root = sh::workspace_root();
-    let py = std::fs::read(root.join("images/python/interpreter.py")).context("reading images/python/interpreter.py")?;
-    let js = std::fs::read(root.join("images/python/interpreter.js")).context("reading images/python/interpreter.js")?;
+    let py =
+        std::fs::read(root.join("images/python/interpreter.py")).context("reading images/python/interpreter.py")?;
+    let js =
+        std::fs::read(root.join("images/python/interpreter.js")).context("reading images/python/interpreter.js")?;
     let meta = serde_json::to_vec_pretty(&metadata())?;
     let mirror = mirror()?;
     let debootstrap = sh::output(Command::new("dpkg-query").args(["-W", "-f=${Version}", "debootstrap"]))?;
@@ -246,7 +248,11 @@ fn assemble(tree: &Path, mirror: &str, py: &[u8], js: &[u8], meta: &[u8]) -> Res
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
-    let installed = sh::output(Command::new("chroot").arg(tree).args(["dpkg-query", "-W", "-f=${Package}\\n"]))?;
+    let installed = sh::output(
+        Command::new("chroot")
+            .arg(tree)
+            .args(["dpkg-query", "-W", "-f=${Package}\\n"]),
+    )?;
     let installed: Vec<&str> = installed.lines().collect();
     let purge: Vec<&str> = PURGE.iter().copied().filter(|p| installed.contains(p)).collect();
     eprintln!("xtask: purging {} build-time packages", purge.len());
@@ -289,7 +295,10 @@ fn umount_proc(tree: &Path) -> Result<()> {
     let p = tree.join("proc");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let target = p.to_string_lossy().into_owned();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target.as_str())) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(target.as_str()))
+    {
         sh::run(Command::new("umount").arg(&p))?;
     }
     Ok(())

@@ -47,10 +47,11 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     let probe = probe::build()?;
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
+    let python = crate::python_image::build(cache)?;
     eprintln!("xtask: checking that warren-protocol builds no_std (as the probe guest needs)");
     sh::run(sh::cargo().args(["build", "--quiet", "-p", "warren-protocol", "--no-default-features"]))?;
     let vmm = sh::build_vmm_release()?;
-    run_tests(&vmlinux, &initramfs, &probe, &vmm, &args.runner_args)?;
+    run_tests(&vmlinux, &initramfs, &python, &probe, &vmm, &args.runner_args)?;
     if args.runner_args.is_empty() {
         eprintln!("xtask: cold-start benchmark smoke test (3 runs)");
         crate::bench(cache, "coldstart", &["--runs".into(), "3".into(), "--json".into()])?;
@@ -58,7 +59,14 @@ pub fn run(cache: &Cache, args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, vmm: &Path, extra: &[String]) -> Result<()> {
+fn run_tests(
+    vmlinux: &Path,
+    initramfs: &Path,
+    python: &Path,
+    probe: &Path,
+    vmm: &Path,
+    extra: &[String],
+) -> Result<()> {
     let nextest = sh::cargo()
         .args(["nextest", "--version"])
         .output()
@@ -79,6 +87,7 @@ fn run_tests(vmlinux: &Path, initramfs: &Path, probe: &Path, vmm: &Path, extra: 
     }
     cmd.env("WARREN_KERNEL", vmlinux)
         .env("WARREN_INITRAMFS", initramfs)
+        .env("WARREN_PYTHON_IMAGE", python)
         .env("WARREN_PROBE", probe)
         .env("WARREN_VMM", vmm);
     eprintln!("xtask: {}", sh::describe(&cmd));

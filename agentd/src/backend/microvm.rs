@@ -76,6 +76,16 @@ impl MicroVm {
                 hint: " (build it with `cargo xtask kernel`)",
             });
         }
+        if let Some(r) = &image.rootfs {
+            if !r.is_file() {
+                return Err(BootError::MissingArtifact {
+                    image: key.image.clone(),
+                    what: "rootfs",
+                    path: r.clone(),
+                    hint: " (build the python image with `cargo xtask images`, or import one with `agentctl image import`)",
+                });
+            }
+        }
         if let Some(i) = &image.initramfs {
             if !i.is_file() {
                 return Err(BootError::MissingArtifact {
@@ -109,11 +119,21 @@ impl MicroVm {
             .arg(&vsock)
             .arg("--control-socket")
             .arg(&control);
+        if let Some(r) = &image.rootfs {
+            cmd.arg("--disk").arg(r);
+        }
         if let Some(i) = &image.initramfs {
             cmd.arg("--initramfs").arg(i);
+            // The disk is the root: guest-agent (the initramfs's /init)
+            // switches into it.
+            let root = if image.rootfs.is_some() {
+                " warren.root=/dev/vda"
+            } else {
+                ""
+            };
             let cmdline = match &image.cmdline {
-                Some(extra) => format!("{BASE_CMDLINE} warren.hostname={id} {extra}"),
-                None => format!("{BASE_CMDLINE} warren.hostname={id}"),
+                Some(extra) => format!("{BASE_CMDLINE} warren.hostname={id}{root} {extra}"),
+                None => format!("{BASE_CMDLINE} warren.hostname={id}{root}"),
             };
             cmd.arg("--cmdline").arg(cmdline);
         }

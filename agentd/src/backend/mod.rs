@@ -33,7 +33,7 @@ pub enum BootError {
     MissingArtifact {
         /// Image name.
         image: String,
-        /// `kernel` or `initramfs`.
+        /// `kernel`, `initramfs` or `rootfs`.
         what: &'static str,
         /// Where it was looked for.
         path: PathBuf,
@@ -170,7 +170,8 @@ impl Guest {
 pub struct Backends {
     /// The backend new guests get.
     pub kind: BackendKind,
-    images: BTreeMap<String, ImageConfig>,
+    /// Configured images, and the ones imported since (`add_image`).
+    images: std::sync::RwLock<BTreeMap<String, ImageConfig>>,
     vm: microvm::MicroVm,
     ns: Option<namespace::Namespace>,
 }
@@ -185,7 +186,7 @@ impl Backends {
         };
         Ok(Backends {
             kind,
-            images: cfg.images.clone(),
+            images: std::sync::RwLock::new(cfg.images.clone()),
             vm: microvm::MicroVm::new(cfg, boot_timeout),
             ns,
         })
@@ -208,7 +209,37 @@ impl Backends {
 
     /// Whether `image` is configured.
     pub fn has_image(&self, image: &str) -> bool {
-        self.images.contains_key(image)
+        self.image(image).is_some()
+    }
+
+    /// The image called `image`.
+    pub fn image(&self, image: &str) -> Option<ImageConfig> {
+        self.images
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image)
+            .cloned()
+    }
+
+    /// Every image, by name.
+    pub fn images(&self) -> BTreeMap<String, ImageConfig> {
+        self.images.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Forgets an image (guests already booted from it keep running).
+    pub fn remove_image(&self, name: &str) -> Option<ImageConfig> {
+        self.images.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+    }
+
+    /// Adds (or replaces) an image; false when a configured image of that
+    /// name exists and `replace` is false.
+    pub fn add_image(&self, name: &str, image: ImageConfig, replace: bool) -> bool {
+        let mut images = self.images.write().unwrap_or_else(|p| p.into_inner());
+        if images.contains_key(name) && !replace {
+            return false;
+        }
+        images.insert(name.to_string(), image);
+        true
     }
 
     /// Boots one guest for `key`, named `id`; `spawned(pid)` is called as
@@ -216,12 +247,11 @@ impl Backends {
     /// outlive agentd.
     pub async fn boot(&self, id: &str, key: &PoolKey, spawned: impl FnOnce(u32)) -> Result<Guest, BootError> {
         let image = self
-            .images
-            .get(&key.image)
+            .image(&key.image)
             .ok_or_else(|| BootError::UnknownImage(key.image.clone()))?;
         match (self.kind, &self.ns) {
-            (BackendKind::Microvm, _) => self.vm.boot(id, key, image, spawned).await,
-            (BackendKind::Namespace, Some(ns)) => ns.boot(id, key, image, spawned).await,
+            (BackendKind::Microvm, _) => self.vm.boot(id, key, &image, spawned).await,
+            (BackendKind::Namespace, Some(ns)) => ns.boot(id, key, &image, spawned).await,
             (BackendKind::Namespace, None) => Err(BootError::Setup {
                 id: id.into(),
                 message: "the namespace backend is not set up".into(),

@@ -69,6 +69,12 @@ impl Namespace {
         Ok(root)
     }
 
+    /// Unmounts the ext4 root file systems this backend mounted (lazily:
+    /// sandboxes still running keep theirs). Called when agentd stops.
+    pub fn release_images(&self) -> usize {
+        sandbox::rootfs::unmount_all(&self.images_dir)
+    }
+
     pub(super) async fn boot(
         &self,
         id: &str,
@@ -91,16 +97,38 @@ impl Namespace {
                 hint: " (build it with `cargo xtask images`)",
             });
         }
+        let image_rootfs = image.rootfs.clone();
+        if let Some(r) = &image_rootfs {
+            if !r.is_file() {
+                return Err(BootError::MissingArtifact {
+                    image: key.image.clone(),
+                    what: "rootfs",
+                    path: r.clone(),
+                    hint: " (build the python image with `cargo xtask images`, or import one with `agentctl image import`)",
+                });
+            }
+        }
         let started = Instant::now();
         let setup = |message: String| BootError::Setup { id: id.into(), message };
-        let image_root = {
+        let (image_root, agent_layer) = {
             let image = key.image.clone();
-            let this_root = tokio::task::block_in_place(|| self.image_root(&image, &initramfs));
-            this_root.map_err(setup)?
+            let roots = tokio::task::block_in_place(|| -> Result<(PathBuf, Option<PathBuf>), String> {
+                let unpacked = self.image_root(&image, &initramfs)?;
+                match &image_rootfs {
+                    None => Ok((unpacked, None)),
+                    Some(rootfs) => {
+                        let mounted = sandbox::rootfs::ensure_mounted(&self.images_dir, rootfs)
+                            .map_err(|e| format!("image {image}: {e}"))?;
+                        Ok((mounted, Some(agent_layer(&unpacked)?)))
+                    }
+                }
+            });
+            roots.map_err(setup)?
         };
         let spec = SandboxSpec {
             id: id.into(),
             image_root,
+            agent_layer,
             memory_mib: key.memory_mib,
             vcpus: key.vcpus,
             hostname: id.into(),
@@ -276,4 +304,39 @@ impl NsProcess {
         *done = Some(scrub);
         Ok(scrub)
     }
+}
+
+/// The layer that puts guest-agent (`/init` of the unpacked initramfs) on
+/// top of an image that does not have it: `<unpacked>.agent/init`, a hard
+/// link (or copy) made once.
+fn agent_layer(unpacked: &Path) -> Result<PathBuf, String> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut name = unpacked.as_os_str().to_owned();
+    name.push(".agent");
+    let layer = PathBuf::from(name);
+    let init = layer.join("init");
+    if init.is_file() {
+        return Ok(layer);
+    }
+    // Boots run concurrently: each builds its own temporary directory and
+    // the first rename wins. Never copy onto an existing file: it could be
+    // a hard link of the unpacked image's own /init.
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = layer.with_extension(format!("tmp{}-{seq}", std::process::id()));
+    let made = std::fs::create_dir(&tmp).and_then(|()| {
+        let (src, dst) = (unpacked.join("init"), tmp.join("init"));
+        match std::fs::hard_link(&src, &dst) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) => std::fs::copy(&src, &dst).map(|_| ()),
+        }
+    });
+    let renamed = made.and_then(|()| std::fs::rename(&tmp, &layer));
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !init.is_file() {
+            return Err(format!("making the guest-agent layer {}: {e}", layer.display()));
+        }
+    }
+    Ok(layer)
 }

@@ -10,6 +10,8 @@
 //! - `health`, `pools`, `metrics`
 //! - `session create|list|get|delete`, `exec ID -- ARGV…`
 //! - `runtime create|list|get|versions|add-version|pin|delete`
+//! - `image list|import PATH --name NAME|delete NAME`: OCI images (an OCI
+//!   layout directory or a `docker save` tarball on agentd's host)
 //! - `invoke RUNTIME`: the agent's answer streamed to stdout as it comes,
 //!   its `X-Session-Id` on stderr (pass it back with `--session-id`)
 //! - `ci start|exec|code|read|write|ls|rm|task-start|task|task-stop|stop|tool`:
@@ -80,6 +82,9 @@ enum Cmd {
     /// Agent runtimes: immutable versions and named endpoints.
     #[command(subcommand)]
     Runtime(RuntimeCmd),
+    /// Images: list, import an OCI image, delete an imported one.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Invoke a runtime's agent; its answer is streamed to stdout as it
     /// arrives, its X-Session-Id printed to stderr. The body is `--data`,
     /// `--file`, or standard input (`-`); none sends an empty body.
@@ -159,6 +164,26 @@ impl SpecArgs {
         }
         m
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// List the images sessions and runtimes can name.
+    List,
+    /// Import an OCI image layout directory or a `docker save` tarball
+    /// (read by agentd: it must be on agentd's host).
+    Import {
+        /// The layout directory or tarball.
+        path: PathBuf,
+        /// The image's name: `[a-z0-9][a-z0-9._-]{0,62}`.
+        #[arg(long)]
+        name: String,
+    },
+    /// Delete an imported image no session or pool uses.
+    Delete {
+        /// Its name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -684,6 +709,7 @@ async fn run(cli: Cli) -> Result<i32> {
             return exec(&c, &id, body, stream, cli.json).await;
         }
         Cmd::Runtime(cmd) => runtime(&c, cmd, cli.json).await?,
+        Cmd::Image(cmd) => image(&c, cmd, cli.json).await?,
         Cmd::Invoke {
             runtime,
             endpoint,
@@ -772,6 +798,47 @@ fn when(ms: &Value) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+fn print_image(i: &Value) {
+    let size = i["rootfs_bytes"]
+        .as_u64()
+        .map(|b| format!("{:.1} MiB", b as f64 / f64::from(1 << 20)))
+        .unwrap_or_else(|| "-".into());
+    let argv = i["metadata"]["argv"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!(
+        "{:<24} {:<9} {:>10}  {}",
+        i["name"].as_str().unwrap_or(""),
+        i["origin"].as_str().unwrap_or(""),
+        size,
+        argv
+    );
+}
+
+async fn image(c: &Client, cmd: ImageCmd, json_out: bool) -> Result<()> {
+    let v = match cmd {
+        ImageCmd::List => c.call("GET", "/v1/images", None).await?,
+        ImageCmd::Import { path, name } => {
+            // agentd reads the path itself: make it absolute here.
+            let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+            let body = json!({"name": name, "path": path.display().to_string()});
+            c.call("POST", "/v1/images", Some(body)).await?
+        }
+        ImageCmd::Delete { name } => c.call("DELETE", &format!("/v1/images/{name}"), None).await?,
+    };
+    if json_out {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("{:<24} {:<9} {:>10}  ENTRYPOINT", "NAME", "ORIGIN", "ROOTFS");
+    match v.as_array() {
+        Some(list) => list.iter().for_each(print_image),
+        None => print_image(&v),
+    }
+    Ok(())
 }
 
 async fn runtime(c: &Client, cmd: RuntimeCmd, json_out: bool) -> Result<()> {

@@ -30,7 +30,7 @@ pub const WORKSPACE: &str = "/workspace";
 const ALLOWED: [&str; 2] = [WORKSPACE, "/tmp"];
 
 /// The tools, for error messages.
-const TOOLS: &str = "executeCommand, executeCode, readFiles, writeFiles, listFiles, removeFiles, \
+const TOOLS: &str = "executeCommand, executeCode, clearContext, readFiles, writeFiles, listFiles, removeFiles, \
                      startCommandExecution, getTask, stopTask";
 
 /// Largest file `readFiles` returns.
@@ -130,8 +130,12 @@ pub(super) fn command_of(call: &ToolCall) -> Result<(Vec<String>, Option<u64>), 
             let language = a.get("language").and_then(Value::as_str).unwrap_or("sh");
             match language {
                 "sh" | "shell" | "bash" => Ok((vec!["sh".into(), "-c".into(), code.into()], timeout_arg(a)?)),
+                other if super::interpreter::language(other).is_some() => Err(bad(format!(
+                    "executeCode: language {other:?} needs an image with a code interpreter (such as \"python\"); \
+                     this session's image has none: available here: sh"
+                ))),
                 other => Err(bad(format!(
-                    "executeCode: language {other:?} is not available on this image; available: sh"
+                    "executeCode: unknown language {other:?}; languages: sh, python, javascript"
                 ))),
             }
         }
@@ -193,13 +197,57 @@ pub(super) async fn prepare(s: &Session) {
     tracing::debug!(session = %s.snapshot().id, ?r, "no workspace directory in this guest");
 }
 
-/// Runs one tool.
-pub(super) async fn invoke(s: &Arc<Session>, call: ToolCall) -> Result<Value, ApiError> {
+/// An `executeCode` call the image's interpreter runs: (language, code,
+/// timeout in ms). None for the other tools and for shell code.
+pub(super) fn interpreted(call: &ToolCall) -> Result<Option<(&'static str, String, Option<u64>)>, ApiError> {
+    if call.name != "executeCode" {
+        return Ok(None);
+    }
+    let a = &call.arguments;
+    let Some(language) = a
+        .get("language")
+        .and_then(Value::as_str)
+        .and_then(super::interpreter::language)
+    else {
+        return Ok(None);
+    };
+    Ok(Some((
+        language,
+        str_arg(a, "code", &call.name)?.to_string(),
+        timeout_arg(a)?,
+    )))
+}
+
+/// Runs one tool. `interpreter` is the port of the image's code
+/// interpreter, when it has one.
+pub(super) async fn invoke(s: &Arc<Session>, call: ToolCall, interpreter: Option<u16>) -> Result<Value, ApiError> {
     let id = s.snapshot().id;
     let _busy = s.busy_guard();
     let conn = &s.guest.conn;
     let a = &call.arguments;
+    if let (Some(port), Some((language, code, timeout))) = (interpreter, interpreted(&call)?) {
+        let mut events = super::interpreter::execute(s, port, language, &code, timeout).await?;
+        let mut last = Value::Null;
+        while let Some(ev) = events.recv().await {
+            last = ev;
+        }
+        return Ok(last["result"].clone());
+    }
     match call.name.as_str() {
+        "clearContext" => {
+            let Some(port) = interpreter else {
+                return Err(bad("clearContext: this session's image has no code interpreter"));
+            };
+            let language = match a.get("language") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_str()
+                        .and_then(super::interpreter::language)
+                        .ok_or_else(|| bad(format!("clearContext: language {v} is not one of python, javascript")))?,
+                ),
+            };
+            super::interpreter::clear(s, port, language).await
+        }
         "executeCommand" | "executeCode" => {
             let (argv, timeout) = command_of(&call)?;
             let mut events = run_streaming(s, argv, timeout).await?;
@@ -498,7 +546,7 @@ pub(super) async fn run_streaming(
     Ok(rx)
 }
 
-async fn read_file(s: &Session, path: &str) -> Result<Vec<u8>, ApiError> {
+pub(super) async fn read_file(s: &Session, path: &str) -> Result<Vec<u8>, ApiError> {
     let id = s.snapshot().id;
     let mut out = Vec::new();
     loop {

@@ -31,6 +31,7 @@
 //! what the dead agentd left.
 
 mod image;
+pub mod rootfs;
 mod scrub;
 
 use std::ffi::CString;
@@ -162,9 +163,13 @@ impl SandboxConfig {
 pub struct SandboxSpec {
     /// `[a-z0-9-]`, at most 40 characters; also the cgroup's name.
     pub id: String,
-    /// The unpacked image ([`unpack_image`]); the overlay's read-only lower
-    /// layer, never written.
+    /// The image's root: an unpacked initramfs ([`unpack_image`]) or a
+    /// mounted ext4 root file system ([`rootfs::ensure_mounted`]); the
+    /// overlay's read-only bottom layer, never written.
     pub image_root: PathBuf,
+    /// A read-only layer put above the image with `/init` (guest-agent) in
+    /// it, for images that do not carry guest-agent themselves.
+    pub agent_layer: Option<PathBuf>,
     /// Memory for the session: the size of the scratch tmpfs (everything
     /// it writes) and, plus a little headroom, the cgroup's memory limit.
     pub memory_mib: u32,
@@ -265,14 +270,15 @@ impl Sandbox {
         if spec.memory_mib == 0 {
             return Err(SandboxError::InvalidSpec("memory_mib must be at least 1".into()));
         }
-        if !spec.image_root.join("init").is_file() {
+        let init_layer = spec.agent_layer.as_ref().unwrap_or(&spec.image_root);
+        if !init_layer.join("init").is_file() {
             return Err(SandboxError::InvalidSpec(format!(
-                "image root {} has no /init",
-                spec.image_root.display()
+                "{} has no /init (guest-agent)",
+                init_layer.display()
             )));
         }
         let dir = cfg.dir_of(&spec.id);
-        for p in [&spec.image_root, &dir] {
+        for p in [&spec.image_root, &dir].into_iter().chain(spec.agent_layer.as_ref()) {
             if !overlay_safe(p) || !p.is_absolute() {
                 return Err(SandboxError::InvalidSpec(format!(
                     "{} must be absolute and free of ',', ':' and '\\' (overlayfs options)",
@@ -339,9 +345,12 @@ impl Sandbox {
         mkdir(&work, 0o700, "creating the overlay work directory")?;
         let root = dir.join("root");
         mkdir(&root, 0o755, "creating the overlay mount point")?;
+        let lower = match &spec.agent_layer {
+            Some(agent) => format!("{}:{}", agent.display(), spec.image_root.display()),
+            None => spec.image_root.display().to_string(),
+        };
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            spec.image_root.display(),
+            "lowerdir={lower},upperdir={},workdir={}",
             upper.display(),
             work.display()
         );

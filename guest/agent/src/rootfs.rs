@@ -42,7 +42,10 @@ pub fn switch(device: &str, fstype: &str) -> Result<(), SwitchError> {
     let started = Instant::now();
     while !Path::new(device).exists() {
         if started.elapsed() > DEVICE_WAIT {
-            return Err(fail("waiting for the root device", format!("{device} did not appear within {DEVICE_WAIT:?}")));
+            return Err(fail(
+                "waiting for the root device",
+                format!("{device} did not appear within {DEVICE_WAIT:?}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -61,20 +64,43 @@ pub fn switch(device: &str, fstype: &str) -> Result<(), SwitchError> {
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
         None::<&str>,
     )
-    .map_err(|e| fail("mounting the root device", format!("{device} ({fstype}) on {lower}: {e}")))?;
-    mount(Some("warren-rw"), rw.as_str(), Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))
-        .map_err(|e| fail("mounting the overlay's tmpfs", e))?;
+    .map_err(|e| {
+        fail(
+            "mounting the root device",
+            format!("{device} ({fstype}) on {lower}: {e}"),
+        )
+    })?;
+    mount(
+        Some("warren-rw"),
+        rw.as_str(),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )
+    .map_err(|e| fail("mounting the overlay's tmpfs", e))?;
     for d in ["upper", "work"] {
         std::fs::create_dir_all(format!("{rw}/{d}")).map_err(|e| fail("creating the overlay directories", e))?;
     }
     let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
-    mount(Some("warren-root"), root.as_str(), Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .map_err(|e| fail("mounting the overlay", e))?;
+    mount(
+        Some("warren-root"),
+        root.as_str(),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| fail("mounting the overlay", e))?;
     for d in ["dev", "proc", "sys"] {
         let target = format!("{root}/{d}");
         std::fs::create_dir_all(&target).map_err(|e| fail("creating /dev, /proc, /sys in the image", e))?;
-        mount(Some(format!("/{d}").as_str()), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .map_err(|e| fail("moving a kernel file system into the new root", format!("/{d}: {e}")))?;
+        mount(
+            Some(format!("/{d}").as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| fail("moving a kernel file system into the new root", format!("/{d}: {e}")))?;
     }
     free_initramfs();
     chdir(root.as_str()).map_err(|e| fail("entering the new root", e))?;
@@ -82,7 +108,12 @@ pub fn switch(device: &str, fstype: &str) -> Result<(), SwitchError> {
         .map_err(|e| fail("moving the new root onto /", e))?;
     chroot(".").map_err(|e| fail("chroot into the new root", e))?;
     chdir("/").map_err(|e| fail("chdir /", e))?;
-    tracing::info!(device, fstype, ms = started.elapsed().as_millis() as u64, "switched root");
+    tracing::info!(
+        device,
+        fstype,
+        ms = started.elapsed().as_millis() as u64,
+        "switched root"
+    );
     Ok(())
 }
 
@@ -100,7 +131,9 @@ fn free_initramfs() {
             continue;
         }
         let path = e.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
         if meta.dev() != root_dev {
             continue;
         }

@@ -1,0 +1,129 @@
+//! `GET/POST /v1/images` and `DELETE /v1/images/{name}`: the configured
+//! images and the ones imported into the image store.
+
+use std::path::Path;
+
+use control_api::api::{ImageInfo, ImportImage};
+use control_api::ApiError;
+
+use super::Daemon;
+use crate::backend::Backends;
+use crate::image_store::{self, ImageStore};
+
+/// Registers every stored image with the backends (at start). A stored
+/// image named like a configured one is skipped: configuration wins.
+pub(super) fn register_stored(store: &ImageStore, backends: &Backends) {
+    if store.dir().exists() {
+        store.remove_leftovers();
+    }
+    for img in store.load() {
+        match store.image_config(&img) {
+            Ok(cfg) => {
+                if !backends.add_image(&img.name, cfg, false) {
+                    tracing::warn!(image = %img.name, "a configured image has this name; the stored one is not used");
+                }
+            }
+            Err(why) => tracing::warn!(image = %img.name, %why, "cannot use a stored image"),
+        }
+    }
+}
+
+impl Daemon {
+    pub(super) fn images_list(&self) -> Vec<ImageInfo> {
+        let stored: std::collections::HashMap<String, image_store::StoredImage> = self
+            .inner
+            .image_store
+            .load()
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
+            .collect();
+        self.inner
+            .backends
+            .images()
+            .into_iter()
+            .map(|(name, cfg)| match stored.get(&name) {
+                Some(img) if !self.inner.cfg.images.contains_key(&name) => image_store::info(img),
+                _ => ImageInfo {
+                    rootfs_bytes: cfg
+                        .rootfs
+                        .as_ref()
+                        .and_then(|r| std::fs::metadata(r).ok())
+                        .map(|m| m.len()),
+                    rootfs: cfg.rootfs.as_ref().map(|r| r.display().to_string()),
+                    interpreter_port: cfg.interpreter_port,
+                    metadata: None,
+                    origin: "config".into(),
+                    name,
+                },
+            })
+            .collect()
+    }
+
+    pub(super) async fn image_import(&self, req: ImportImage) -> Result<ImageInfo, ApiError> {
+        if self.inner.backends.has_image(&req.name) {
+            return Err(ApiError::conflict(format!(
+                "an image named {:?} exists already",
+                req.name
+            )));
+        }
+        {
+            let mut busy = self.inner.importing.lock().unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(req.name.clone()) {
+                return Err(ApiError::conflict(format!(
+                    "image {:?} is being imported already",
+                    req.name
+                )));
+            }
+        }
+        let d = self.clone();
+        let name = req.name.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || d.inner.image_store.import(Path::new(&req.path), &req.name))
+            .await
+            .map_err(|e| ApiError::internal(format!("the import task failed: {e}")))
+            .and_then(|r| r);
+        self.inner
+            .importing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        let img = result?;
+        let cfg = self.inner.image_store.image_config(&img).map_err(ApiError::internal)?;
+        if !self.inner.backends.add_image(&img.name, cfg, false) {
+            return Err(ApiError::conflict(format!(
+                "an image named {:?} exists already",
+                img.name
+            )));
+        }
+        tracing::info!(image = %img.name, bytes = img.rootfs_bytes, ms = started.elapsed().as_millis() as u64, "image imported");
+        Ok(image_store::info(&img))
+    }
+
+    pub(super) async fn image_delete(&self, name: &str) -> Result<ImageInfo, ApiError> {
+        if self.inner.cfg.images.contains_key(name) {
+            return Err(ApiError::conflict(format!(
+                "image {name:?} comes from agentd's configuration; only imported images can be deleted"
+            )));
+        }
+        let img = self
+            .inner
+            .image_store
+            .load()
+            .into_iter()
+            .find(|i| i.name == name)
+            .ok_or_else(|| ApiError::not_found(format!("no imported image {name:?}")))?;
+        let in_use = self
+            .sessions_snapshot()
+            .iter()
+            .filter(|s| s.snapshot().image == name)
+            .count();
+        if in_use > 0 || self.inner.pools.iter().any(|p| p.key.image == name) {
+            return Err(ApiError::conflict(format!(
+                "image {name:?} is in use ({in_use} running sessions, or a configured pool)"
+            )));
+        }
+        self.inner.backends.remove_image(name);
+        self.inner.image_store.remove(name)?;
+        Ok(image_store::info(&img))
+    }
+}
