@@ -55,6 +55,9 @@ pub struct QemuOptions {
     pub extra_cmdline: String,
     /// Give up waiting for the hello after this long.
     pub boot_timeout: Duration,
+    /// A root file system (ext4) attached read-only as a virtio-blk disk;
+    /// guest-agent switches into it (`warren.root=/dev/vda`).
+    pub root_disk: Option<PathBuf>,
 }
 
 impl QemuOptions {
@@ -68,6 +71,7 @@ impl QemuOptions {
             icount: Icount::Auto,
             extra_cmdline: String::new(),
             boot_timeout: Duration::from_secs(120),
+            root_disk: None,
         }
     }
 }
@@ -147,10 +151,24 @@ fn spawn(opts: &QemuOptions) -> Result<Spawned, QemuError> {
     let serial = dir.path().join("serial.log");
     let stderr = dir.path().join("qemu.stderr");
     let listener = UnixListener::bind(&sock)?;
+    let root = if opts.root_disk.is_some() {
+        " warren.root=/dev/vda"
+    } else {
+        ""
+    };
     let cmdline = format!(
-        "{BASE_CMDLINE} warren.transport=port:{AGENT_PORT_NAME} {}",
+        "{BASE_CMDLINE} warren.transport=port:{AGENT_PORT_NAME}{root} {}",
         opts.extra_cmdline
     );
+    let mut disk_args: Vec<String> = Vec::new();
+    if let Some(d) = &opts.root_disk {
+        disk_args.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=none,id=root,readonly=on", d.display()),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+    }
     let icount = match opts.icount {
         Icount::Auto => "shift=auto",
         Icount::Exact => "shift=0",
@@ -169,6 +187,7 @@ fn spawn(opts: &QemuOptions) -> Result<Spawned, QemuError> {
         .arg("-initrd")
         .arg(&opts.initramfs)
         .args(["-append", &cmdline])
+        .args(&disk_args)
         .args(["-device", "virtio-serial-device"])
         .arg("-chardev")
         .arg(format!("socket,id=agent,path={}", sock.display()))

@@ -86,6 +86,7 @@ fn main() {
         }
         init::mount_tmpfs();
         init::set_hostname(kernel.hostname.as_deref());
+        init::loopback_up();
     } else if pid1 {
         init::default_path();
     }
