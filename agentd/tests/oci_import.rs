@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::{Agentd, Backend};
@@ -310,7 +310,8 @@ fn hostile_and_broken_images_are_refused_and_nothing_is_written_outside_the_stor
         )
     };
     let escape = format!("{}", sentinel.display());
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Build = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Build, &str)> = vec![
         (
             "dotdot",
             Box::new(|d: &Path| {
@@ -403,5 +404,4 @@ fn hostile_and_broken_images_are_refused_and_nothing_is_written_outside_the_stor
     assert_eq!(std::fs::read(&sentinel).unwrap(), b"untouched");
     assert!(!Path::new("/tmp/evil").exists());
     assert_eq!(listing(&store), Vec::<String>::new());
-    let _ = PathBuf::new();
 }

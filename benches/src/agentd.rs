@@ -70,6 +70,34 @@ impl Daemon {
             vmm = env_path("WARREN_VMM")?.display(),
             ns = env_path("WARREN_NSINIT")?.display(),
         );
+        Self::spawn(dir, port, &config)
+    }
+
+    /// Starts agentd on `backend` with a pool of `pool_target` guests of
+    /// the `python` image (its code interpreter on 8421) and waits for its
+    /// API. microvm boots the guest kernel with the image as its disk.
+    pub fn start_python(backend: &str, pool_target: u32) -> Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("warren-bench-").tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let kernel = match backend {
+            "microvm" => format!("kernel = \"{}\"\n", env_path("WARREN_KERNEL")?.display()),
+            _ => String::new(),
+        };
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{d}/data\"\nruntime_dir = \"{d}/run\"\nbackend = \"{backend}\"\n\
+             vmm_binary = \"{vmm}\"\nnsinit_binary = \"{ns}\"\n[sessions]\nimage = \"python\"\nmemory_mib = 512\n\
+             [images.python]\n{kernel}initramfs = \"{initramfs}\"\nrootfs = \"{rootfs}\"\ninterpreter_port = 8421\n\
+             [[pool]]\nimage = \"python\"\nmemory_mib = 512\ntarget = {pool_target}\nrefill_concurrency = 1\n",
+            d = dir.path().display(),
+            vmm = env_path("WARREN_VMM")?.display(),
+            ns = env_path("WARREN_NSINIT")?.display(),
+            initramfs = env_path("WARREN_INITRAMFS")?.display(),
+            rootfs = env_path("WARREN_PYTHON_IMAGE")?.display(),
+        );
+        Self::spawn(dir, port, &config)
+    }
+
+    fn spawn(dir: tempfile::TempDir, port: u16, config: &str) -> Result<Daemon> {
         let cfg = dir.path().join("agentd.toml");
         std::fs::write(&cfg, config)?;
         let log = std::fs::File::create(dir.path().join("agentd.log"))?;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::devices::virtio::block::DiskIo;
 use crate::layout::{CMDLINE_MAX, MIN_MEM_MIB};
 
 /// Default kernel command line for a Linux guest.
@@ -35,9 +36,18 @@ pub struct VmConfig {
     /// Control socket path.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
-    /// Read-only disk image, attached as a virtio-blk device.
+    /// Read-only base image, the first virtio-blk device.
     #[serde(default)]
     pub disk: Option<PathBuf>,
+    /// Writable per-session scratch disk, the second virtio-blk device
+    /// (needs `disk`).
+    #[serde(default)]
+    pub scratch_disk: Option<PathBuf>,
+    /// How the disks do their I/O: `auto` (io_uring, or synchronous
+    /// system calls with a warning where the kernel refuses it),
+    /// `io_uring` (or the VM does not start) or `sync`.
+    #[serde(default)]
+    pub disk_io: DiskIo,
     /// Emulate an 8250 UART on COM1, its output to the VMM's stderr.
     #[serde(default)]
     pub serial: bool,
@@ -83,9 +93,12 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
-    /// The disk image is missing or unreadable.
-    #[error("disk {}: {reason}", path.display())]
+    /// A disk image is missing, not a regular file, too small or
+    /// unreadable (or, for the scratch disk, not writable).
+    #[error("{which} {}: {reason}", path.display())]
     Disk {
+        /// `disk` or `scratch_disk`.
+        which: &'static str,
         /// The disk path.
         path: PathBuf,
         /// Why.
@@ -132,6 +145,8 @@ impl VmConfig {
             vsock_socket: None,
             control_socket: None,
             disk: None,
+            scratch_disk: None,
+            disk_io: DiskIo::Auto,
             serial: false,
             boot_timer: false,
         }
@@ -183,11 +198,24 @@ impl VmConfig {
                 )));
             }
         }
-        if let Some(disk) = &self.disk {
-            std::fs::File::open(disk).map_err(|e| ConfigError::Disk {
-                path: disk.clone(),
-                reason: e.to_string(),
-            })?;
+        let base = match &self.disk {
+            Some(disk) => Some(check_disk("disk", disk, false)?),
+            None => None,
+        };
+        if let Some(scratch) = &self.scratch_disk {
+            let id = check_disk("scratch_disk", scratch, true)?;
+            let err = |reason: &str| ConfigError::Disk {
+                which: "scratch_disk",
+                path: scratch.clone(),
+                reason: reason.into(),
+            };
+            match base {
+                None => return Err(err("needs disk: the read-only base image is always the first disk")),
+                Some(b) if b == id => {
+                    return Err(err("is the same file as disk, which must stay read-only"));
+                }
+                Some(_) => {}
+            }
         }
         if self.cmdline.len() + 1 > CMDLINE_MAX / 2 {
             return Err(ConfigError::Cmdline(format!(
@@ -234,6 +262,42 @@ fn check_kernel(path: &Path) -> Result<(), ConfigError> {
         return Err(err(format!("ELF machine {machine} is not x86_64 (62)")));
     }
     Ok(())
+}
+
+/// A disk image must be a regular file of at least one sector that can be
+/// opened (read-write for the scratch disk); returns its (device, inode).
+fn check_disk(which: &'static str, path: &Path, writable: bool) -> Result<(u64, u64), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |reason: String| ConfigError::Disk {
+        which,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => err("does not exist".into()),
+        _ => err(e.to_string()),
+    })?;
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
+    if meta.len() < crate::devices::virtio::block::SECTOR_BYTES {
+        return Err(err(format!(
+            "is {} bytes, smaller than one 512-byte sector",
+            meta.len()
+        )));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .map_err(|e| {
+            err(if writable {
+                format!("cannot be opened for writing: {e}")
+            } else {
+                format!("cannot be opened: {e}")
+            })
+        })?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// A socket path must be creatable: its directory exists and nothing is
@@ -330,6 +394,78 @@ mod tests {
         c.vsock_socket = None;
         c.control_socket = Some(existing);
         assert!(c.validate(8).unwrap_err().to_string().contains("already exists"));
+    }
+
+    #[test]
+    fn disks_must_be_regular_files_of_a_sector_or_more() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = VmConfig::new(elf_stub(d.path()));
+        let disk = |e: ConfigError| match e {
+            ConfigError::Disk { which, reason, .. } => format!("{which}: {reason}"),
+            other => panic!("not a disk error: {other}"),
+        };
+        c.disk = Some(d.path().join("missing.img"));
+        assert_eq!(disk(c.validate(8).unwrap_err()), "disk: does not exist");
+        c.disk = Some(d.path().to_path_buf());
+        assert_eq!(disk(c.validate(8).unwrap_err()), "disk: is not a regular file");
+        let tiny = d.path().join("tiny.img");
+        std::fs::write(&tiny, [0u8; 100]).unwrap();
+        c.disk = Some(tiny);
+        let e = c.validate(8).unwrap_err();
+        assert!(e.to_string().starts_with("disk "), "{e}");
+        assert!(disk(e).contains("smaller than one 512-byte sector"));
+        let base = d.path().join("base.img");
+        std::fs::write(&base, [0u8; 4096]).unwrap();
+        c.disk = Some(base.clone());
+        c.validate(8).unwrap();
+    }
+
+    #[test]
+    fn the_scratch_disk_needs_a_base_disk_and_its_own_writable_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let mut c = VmConfig::new(elf_stub(d.path()));
+        let (base, scratch) = (d.path().join("base.img"), d.path().join("scratch.img"));
+        std::fs::write(&base, [0u8; 4096]).unwrap();
+        std::fs::write(&scratch, [0u8; 4096]).unwrap();
+        c.scratch_disk = Some(scratch.clone());
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(e.starts_with("scratch_disk ") && e.contains("needs disk"), "{e}");
+        c.disk = Some(base.clone());
+        c.validate(8).unwrap();
+        c.scratch_disk = Some(base.clone());
+        let e = c.validate(8).unwrap_err().to_string();
+        assert!(e.contains("same file as disk"), "{e}");
+        c.scratch_disk = Some(d.path().join("none.img"));
+        assert!(c.validate(8).unwrap_err().to_string().contains("does not exist"));
+        // Read-only to its owner; root ignores permissions, so only
+        // check the message when the open really fails.
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o444)).unwrap();
+        c.scratch_disk = Some(scratch.clone());
+        if std::fs::OpenOptions::new().write(true).open(&scratch).is_err() {
+            let e = c.validate(8).unwrap_err().to_string();
+            assert!(e.contains("cannot be opened for writing"), "{e}");
+        }
+    }
+
+    #[test]
+    fn disk_keys_in_json() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.json");
+        std::fs::write(
+            &p,
+            r#"{"kernel": "/k", "disk": "/b.img", "scratch_disk": "/s.img", "disk_io": "io_uring"}"#,
+        )
+        .unwrap();
+        let c = VmConfig::from_json_file(&p).unwrap();
+        assert_eq!(c.scratch_disk.as_deref(), Some(Path::new("/s.img")));
+        assert_eq!(c.disk_io, DiskIo::IoUring);
+        assert_eq!(VmConfig::new("/k").disk_io, DiskIo::Auto);
+        std::fs::write(&p, r#"{"kernel": "/k", "disk_io": "aio"}"#).unwrap();
+        let e = VmConfig::from_json_file(&p).unwrap_err().to_string();
+        assert!(e.contains("aio"), "{e}");
+        assert_eq!("sync".parse::<DiskIo>(), Ok(DiskIo::Sync));
+        assert!("fast".parse::<DiskIo>().unwrap_err().contains("auto, io_uring or sync"));
     }
 
     #[test]

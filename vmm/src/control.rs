@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `{"op":"pause"}` | `{"ok":true}` once every vCPU is parked |
 //! | `{"op":"resume"}` | `{"ok":true}` |
-//! | `{"op":"stats"}` | `{"ok":true,"stats":{…}}`: per-thread on-CPU ns, RSS, guest bytes touched |
+//! | `{"op":"stats"}` | `{"ok":true,"stats":{…}}`: per-thread on-CPU ns, RSS, guest bytes touched, per-disk counters |
 //! | `{"op":"shutdown","timeout_ms":N}` | `{"ok":true}`; the guest is asked to shut down, and the VM is ended after N ms if it has not (at once when it cannot be asked) |
 //!
 //! A malformed line gets `{"ok":false,"error":"…"}` and the connection
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use warren_protocol::{encode_frame, HostFrame, Request, CONTROL_VSOCK_PORT};
 
+use crate::devices::virtio::block::{BlockReport, BlockStats};
 use crate::event::{ExitReason, VmEvent};
 use crate::memory::GuestRam;
 use crate::scrub::touched_bytes;
@@ -76,6 +77,8 @@ pub struct Stats {
     pub guest_touched_bytes: u64,
     /// Whether the vCPUs are paused.
     pub paused: bool,
+    /// What each disk's device thread did, base first.
+    pub disks: Vec<BlockReport>,
 }
 
 /// Everything the control thread needs.
@@ -89,6 +92,8 @@ pub struct Control {
     /// The VM's vsock socket, through which the guest is asked to shut
     /// down (none: the VM can only be ended).
     pub vsock_socket: Option<PathBuf>,
+    /// The disks' counters.
+    pub disks: Vec<Arc<BlockStats>>,
 }
 
 /// Serves `listener` on a thread of its own until the process exits.
@@ -237,6 +242,7 @@ fn stats(ctl: &Control) -> Result<Stats, String> {
         rss_kib,
         guest_touched_bytes: touched_bytes(&ctl.ram).map_err(|e| e.to_string())?,
         paused: ctl.state.paused(),
+        disks: ctl.disks.iter().map(|d| d.report()).collect(),
     })
 }
 
@@ -252,6 +258,7 @@ mod tests {
                 ram: Arc::new(GuestRam::new(16 << 20).unwrap()),
                 events: tx,
                 vsock_socket: None,
+                disks: Vec::new(),
             },
             rx,
         )

@@ -46,9 +46,15 @@ struct Args {
     /// Control socket path.
     #[arg(long)]
     control_socket: Option<PathBuf>,
-    /// Read-only disk image (virtio-blk).
+    /// Read-only base image (the first virtio-blk disk).
     #[arg(long)]
     disk: Option<PathBuf>,
+    /// Writable scratch disk (the second virtio-blk disk; needs --disk).
+    #[arg(long)]
+    scratch_disk: Option<PathBuf>,
+    /// Disk I/O: auto (io_uring, else synchronous with a warning), io_uring or sync.
+    #[arg(long, default_value = "auto")]
+    disk_io: vmm::config::DiskIo,
     /// Emulate COM1, output to stderr.
     #[arg(long)]
     serial: bool,
@@ -93,6 +99,8 @@ fn real_main() -> libc::c_int {
             vsock_socket: args.vsock_socket,
             control_socket: args.control_socket,
             disk: args.disk,
+            scratch_disk: args.scratch_disk,
+            disk_io: args.disk_io,
             serial: args.serial,
             boot_timer: args.boot_timer,
         },
@@ -123,6 +131,7 @@ fn real_main() -> libc::c_int {
                     "exit_code": code,
                     "build_ns": out.build_ns,
                     "scrub": out.scrub,
+                    "disks": out.disks.iter().map(|d| d.report()).collect::<Vec<_>>(),
                 })
             );
             code

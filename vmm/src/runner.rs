@@ -17,7 +17,7 @@ use crate::control::{self, Control};
 use crate::devices::boot_timer::{BootTimer, Stamp, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::devices::i8042::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::serial::{SerialConsole, COM1_IRQ, COM1_LEN, COM1_PORT};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, BlockError, BlockStats, Role};
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -57,6 +57,9 @@ pub enum VmmError {
     /// Device setup failed.
     #[error("device setup: {0}")]
     Device(String),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     /// Scrubbing failed.
     #[error(transparent)]
     Scrub(#[from] ScrubError),
@@ -73,6 +76,8 @@ pub struct Outcome {
     pub stamps: Vec<Stamp>,
     /// Nanoseconds from the start of [`run`] to KVM_RUN on the boot vCPU.
     pub build_ns: u64,
+    /// What each disk did, base first.
+    pub disks: Vec<Arc<BlockStats>>,
 }
 
 /// Builds and runs the VM described by `cfg` until it ends.
@@ -112,7 +117,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
     // Guards first: a socket bound by a step that fails later is removed
     // too (validation made sure neither path existed before).
     let _vsock_socket = cfg.vsock_socket.clone().map(RemoveOnDrop);
-    let mmio = mmio_bus(cfg, &vm, &ram)?;
+    let (mmio, disks) = mmio_bus(cfg, &vm, &ram)?;
 
     // SAFETY: the handler does nothing; its only effect is to make
     // KVM_RUN return EINTR in the thread it is delivered to.
@@ -135,6 +140,7 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
                     ram: ram.clone(),
                     events: events.clone(),
                     vsock_socket: cfg.vsock_socket.clone(),
+                    disks: disks.clone(),
                 },
             )
             .map_err(|e| VmmError::Device(format!("control thread: {e}")))?;
@@ -186,13 +192,16 @@ pub fn run(cfg: &VmConfig, mut on_stamp: impl FnMut(&Stamp)) -> Result<Outcome, 
         scrub,
         stamps,
         build_ns,
+        disks,
     })
 }
 
 /// MMIO slot of the vsock device.
 const VSOCK_SLOT: u64 = 0;
-/// MMIO slot of the disk.
+/// MMIO slot of the base disk.
 const BLOCK_SLOT: u64 = 1;
+/// MMIO slot of the scratch disk.
+const SCRATCH_SLOT: u64 = 2;
 
 /// Base address and IRQ of virtio-mmio slot `n`.
 fn mmio_slot(n: u64) -> (u64, u32) {
@@ -205,6 +214,7 @@ fn mmio_cmdline(cfg: &VmConfig) -> String {
     for (present, slot) in [
         (cfg.vsock_socket.is_some(), VSOCK_SLOT),
         (cfg.disk.is_some(), BLOCK_SLOT),
+        (cfg.scratch_disk.is_some(), SCRATCH_SLOT),
     ] {
         if present {
             let (base, irq) = mmio_slot(slot);
@@ -246,18 +256,25 @@ fn attach(
         .map_err(|e| dev("bus", &e))
 }
 
-fn mmio_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<Bus, VmmError> {
+fn mmio_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, ram: &GuestRam) -> Result<(Bus, Vec<Arc<BlockStats>>), VmmError> {
     let mut bus = Bus::new();
     if let Some(path) = &cfg.vsock_socket {
         let vsock =
             Vsock::new(path.clone()).map_err(|e| VmmError::Device(format!("vsock socket {}: {e}", path.display())))?;
         attach(&mut bus, vm, ram, VSOCK_SLOT, Box::new(vsock))?;
     }
-    if let Some(path) = &cfg.disk {
-        let disk = Block::new(path).map_err(|e| VmmError::Device(format!("disk {}: {e}", path.display())))?;
-        attach(&mut bus, vm, ram, BLOCK_SLOT, Box::new(disk))?;
+    let mut disks = Vec::new();
+    for (role, path, slot) in [
+        (Role::Base, &cfg.disk, BLOCK_SLOT),
+        (Role::Scratch, &cfg.scratch_disk, SCRATCH_SLOT),
+    ] {
+        if let Some(path) = path {
+            let disk = Block::new(role, path, cfg.disk_io)?;
+            disks.push(disk.stats());
+            attach(&mut bus, vm, ram, slot, Box::new(disk))?;
+        }
     }
-    Ok(bus)
+    Ok((bus, disks))
 }
 
 fn port_bus(cfg: &VmConfig, vm: &kvm_ioctls::VmFd, events: &Sender<VmEvent>) -> Result<Bus, VmmError> {

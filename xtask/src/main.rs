@@ -45,7 +45,7 @@ enum Cmd {
     Run(run::RunArgs),
     /// Lint, build what tests need and run every test.
     Test(test::TestArgs),
-    /// Run a benchmark: `coldstart` (VMM spawn to guest, probe guest), `handout` (agentd session handout), `invoke` (invocation overhead) or
+    /// Run a benchmark: `blk` (virtio-blk throughput, probe guest), `coldstart` (VMM spawn to guest, probe guest), `handout` (agentd session handout), `invoke` (invocation overhead) or
     /// `kernel-boot` (guest instructions to /init and hello, under QEMU).
     Bench {
         /// The benchmark.
@@ -103,6 +103,10 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                     .env("WARREN_INITRAMFS", images::build_initramfs(cache)?);
             }
         }
+        "blk" => {
+            cmd.env("WARREN_VMM", sh::build_vmm_release()?)
+                .env("WARREN_PROBE", probe::build()?);
+        }
         "handout" | "invoke" => {
             let (agentd, nsinit) = sh::build_agentd_release()?;
             cmd.env("WARREN_VMM", sh::build_vmm_release()?)
@@ -111,7 +115,7 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                 .env("WARREN_AGENTD", agentd)
                 .env("WARREN_NSINIT", nsinit);
         }
-        other => anyhow::bail!("unknown benchmark {other:?}; available: coldstart, handout, invoke, kernel-boot"),
+        other => anyhow::bail!("unknown benchmark {other:?}; available: blk, coldstart, handout, invoke, kernel-boot"),
     }
     sh::run(
         cmd.args([

@@ -23,7 +23,11 @@ fn cargo() -> Command {
 pub fn build() -> Result<PathBuf> {
     eprintln!("xtask: building the probe guest");
     sh::run(cargo().args(["build", "--release", "--quiet"]))?;
-    let elf = dir().join("target/x86_64-unknown-linux-gnu/release/warren-probe");
+    // Where cargo put it: $CARGO_TARGET_DIR when set, else the probe's own target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir().join("target"));
+    let elf = target.join("x86_64-unknown-linux-gnu/release/warren-probe");
     anyhow::ensure!(elf.is_file(), "probe build produced no {}", elf.display());
     Ok(elf)
 }

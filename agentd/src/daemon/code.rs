@@ -197,9 +197,12 @@ pub(super) async fn prepare(s: &Session) {
     tracing::debug!(session = %s.snapshot().id, ?r, "no workspace directory in this guest");
 }
 
-/// An `executeCode` call the image's interpreter runs: (language, code,
-/// timeout in ms). None for the other tools and for shell code.
-pub(super) fn interpreted(call: &ToolCall) -> Result<Option<(&'static str, String, Option<u64>)>, ApiError> {
+/// Code for the image's interpreter: (language, code, timeout in ms).
+pub(super) type Interpreted = (&'static str, String, Option<u64>);
+
+/// An `executeCode` call the image's interpreter runs. None for the other
+/// tools and for shell code.
+pub(super) fn interpreted(call: &ToolCall) -> Result<Option<Interpreted>, ApiError> {
     if call.name != "executeCode" {
         return Ok(None);
     }

@@ -155,6 +155,7 @@ fn raw_series(backend: &str, runs: usize) -> Result<Vec<Vec<f64>>> {
         &agentd::sandbox::SandboxSpec {
             id: "bench-raw".into(),
             image_root: root,
+            agent_layer: None,
             memory_mib: 128,
             vcpus: 1,
             hostname: "bench-raw".into(),

@@ -106,7 +106,9 @@ fn dispatch(agent: &Arc<Agent>, frame: HostFrame, out: &Outbox, bodies: &Arc<Bod
         Request::BurnCpu { .. }
         | Request::TouchMemory { .. }
         | Request::ChecksumMemory { .. }
-        | Request::ReadDisk { .. } => {
+        | Request::ReadDisk { .. }
+        | Request::DiskIo(_)
+        | Request::DiskBench { .. } => {
             out.error(
                 Some(id),
                 ErrorKind::InvalidRequest,

@@ -18,7 +18,10 @@ fn with_metadata(json: &str) -> (common::Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let meta = dir.path().join("image.json");
     std::fs::write(&meta, json).unwrap();
-    let agent = common::start_with_args(Duration::from_secs(30), &[format!("--image-metadata={}", meta.display())]);
+    let agent = common::start_with_args(
+        Duration::from_secs(30),
+        &[format!("--image-metadata={}", meta.display())],
+    );
     (agent, dir)
 }
 
@@ -44,7 +47,9 @@ fn the_entrypoint_runs_with_the_image_env_and_cwd_and_its_exit_is_reported() {
     let exited = loop {
         match status(&mut agent) {
             EntrypointState::Exited { status, .. } => break status,
-            EntrypointState::Running { .. } if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            EntrypointState::Running { .. } if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
             other => panic!("entrypoint state {other:?}"),
         }
     };
@@ -56,7 +61,9 @@ fn the_entrypoint_runs_with_the_image_env_and_cwd_and_its_exit_is_reported() {
 #[test]
 fn bad_metadata_is_reported_not_fatal() {
     let (mut agent, _d) = with_metadata("{not json");
-    assert!(matches!(status(&mut agent), EntrypointState::Failed { message } if message.contains("not valid image metadata")));
+    assert!(
+        matches!(status(&mut agent), EntrypointState::Failed { message } if message.contains("not valid image metadata"))
+    );
     agent.client.ping(1).unwrap();
 
     let (mut agent, _d) = with_metadata(r#"{"argv": ["/no/such/program"]}"#);

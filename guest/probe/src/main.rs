@@ -84,7 +84,7 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
         halt_forever();
     }
     let mut vsock_dev = None;
-    let mut disk = None;
+    let mut disks = Vec::new();
     for (base, irq) in bootparams::virtio_mmio_devices(cmdline) {
         if vsock_dev.is_none() {
             if let Some(v) = vsock::Vsock::init(base, mode == Some(b"hostile")) {
@@ -92,8 +92,8 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
                 continue;
             }
         }
-        if disk.is_none() {
-            disk = block::Block::init(base);
+        if disks.len() < block::MAX_DISKS {
+            disks.extend(block::Block::init(base, disks.len()));
         }
     }
     let Some((mut vsock, irq)) = vsock_dev else {
@@ -114,7 +114,7 @@ extern "C" fn probe_main(zero_page: u64) -> ! {
     // Interrupts are only needed to sleep between requests: set them up
     // after the hello, off the boot path.
     interrupts::init(irq);
-    serve(&mut vsock, disk)
+    serve(&mut vsock, disks)
 }
 
 fn send(vsock: &mut vsock::Vsock, frame: &GuestFrame) {
@@ -131,7 +131,7 @@ fn error(id: Option<u64>, kind: ErrorKind, message: String) -> GuestFrame {
     }
 }
 
-fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
+fn serve(vsock: &mut vsock::Vsock, mut disks: Vec<block::Block>) -> ! {
     let mut decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut bodies = Bodies::default();
     let mut control = FrameDecoder::new(MAX_FRAME_LEN);
@@ -189,7 +189,7 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
                             },
                             Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
                         },
-                        Request::ReadDisk { sector, count } => match disk.as_mut() {
+                        Request::ReadDisk { sector, count } => match disks.first_mut() {
                             None => error(Some(id), ErrorKind::NotFound, "this VM has no disk".into()),
                             Some(d) => match d.checksum(sector, count) {
                                 Ok(sum) => GuestFrame::Reply {
@@ -197,6 +197,31 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
                                     reply: Reply::Checksum(sum),
                                 },
                                 Err(msg) => error(Some(id), ErrorKind::Io, msg),
+                            },
+                        },
+                        Request::DiskIo(req) => match disks.get_mut(usize::from(req.disk)) {
+                            None => no_disk(id, req.disk),
+                            Some(d) => match d.io(&req) {
+                                Ok(r) => GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::DiskIo(r),
+                                },
+                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
+                            },
+                        },
+                        Request::DiskBench {
+                            disk,
+                            pattern,
+                            requests,
+                            queue_depth,
+                        } => match disks.get_mut(usize::from(disk)) {
+                            None => no_disk(id, disk),
+                            Some(d) => match d.bench(pattern, requests, queue_depth) {
+                                Ok(r) => GuestFrame::Reply {
+                                    id,
+                                    reply: Reply::DiskBench(r),
+                                },
+                                Err(msg) => error(Some(id), ErrorKind::InvalidRequest, msg),
                             },
                         },
                         Request::Http(req) => match http(vsock, id, req, &mut bodies) {
@@ -217,6 +242,10 @@ fn serve(vsock: &mut vsock::Vsock, mut disk: Option<block::Block>) -> ! {
             send(vsock, &answer);
         }
     }
+}
+
+fn no_disk(id: RequestId, disk: u8) -> GuestFrame {
+    error(Some(id), ErrorKind::NotFound, format!("this VM has no disk {disk}"))
 }
 
 /// Spins for `ms` of run time, not guest time: a vCPU the host preempts

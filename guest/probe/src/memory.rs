@@ -84,3 +84,15 @@ pub fn checksum(offset: u64, len: u64) -> Result<u64, String> {
     }
     Ok(sum)
 }
+
+/// Checks that `[addr, addr + len)` is guest RAM above the probe's image
+/// (from 16 MiB), where device data buffers may go.
+pub fn check_buffer(addr: u64, len: u64) -> Result<(), String> {
+    match addr.checked_add(len) {
+        Some(end) if addr >= TOUCH_BASE && end <= ram_end() => Ok(()),
+        _ => Err(format!(
+            "buffer {addr:#x}+{len:#x} is not inside guest RAM [{TOUCH_BASE:#x}, {:#x})",
+            ram_end()
+        )),
+    }
+}

@@ -7,8 +7,9 @@ use core::sync::atomic::{fence, Ordering};
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 8;
 
-use warren_virtio_spec::desc::{F_NEXT as DESC_F_NEXT, F_WRITE as DESC_F_WRITE};
+use warren_virtio_spec::desc::F_WRITE as DESC_F_WRITE;
 use warren_virtio_spec::mmio;
+use warren_virtio_spec::ring::USED_F_NO_NOTIFY;
 use warren_virtio_spec::status::{
     ACKNOWLEDGE as STATUS_ACK, DRIVER as STATUS_DRIVER, DRIVER_OK as STATUS_DRIVER_OK,
     FEATURES_OK as STATUS_FEATURES_OK,
@@ -34,18 +35,29 @@ const REG_QUEUE_DESC: usize = mmio::REG_QUEUE_DESC_LOW as usize;
 const REG_QUEUE_DRIVER: usize = mmio::REG_QUEUE_DRIVER_LOW as usize;
 const REG_QUEUE_DEVICE: usize = mmio::REG_QUEUE_DEVICE_LOW as usize;
 
-/// One split virtqueue's rings, in one page.
+/// One split virtqueue's rings of `N` entries, together: the descriptor
+/// table, then the avail ring, then the used ring (4-byte aligned).
 #[repr(C, align(4096))]
-pub struct Rings {
-    desc: [Desc; QUEUE_SIZE as usize],
-    _pad0: [u8; 0x400 - 16 * QUEUE_SIZE as usize],
-    avail_flags: u16,
-    avail_idx: u16,
-    avail_ring: [u16; QUEUE_SIZE as usize],
-    _pad1: [u8; 0x400 - 4 - 2 * QUEUE_SIZE as usize],
-    used_flags: u16,
-    used_idx: u16,
-    used_ring: [UsedElem; QUEUE_SIZE as usize],
+pub struct Rings<const N: usize = { QUEUE_SIZE as usize }> {
+    desc: [Desc; N],
+    avail: Avail<N>,
+    used: Used<N>,
+}
+
+#[repr(C)]
+struct Avail<const N: usize> {
+    flags: u16,
+    idx: u16,
+    ring: [u16; N],
+    used_event: u16,
+}
+
+#[repr(C, align(4))]
+struct Used<const N: usize> {
+    flags: u16,
+    idx: u16,
+    ring: [UsedElem; N],
+    avail_event: u16,
 }
 
 #[repr(C)]
@@ -64,7 +76,7 @@ struct UsedElem {
     len: u32,
 }
 
-impl Rings {
+impl<const N: usize> Rings<N> {
     /// Zeroed rings.
     pub const fn new() -> Self {
         Rings {
@@ -73,22 +85,26 @@ impl Rings {
                 len: 0,
                 flags: 0,
                 next: 0,
-            }; QUEUE_SIZE as usize],
-            _pad0: [0; 0x400 - 16 * QUEUE_SIZE as usize],
-            avail_flags: 0,
-            avail_idx: 0,
-            avail_ring: [0; QUEUE_SIZE as usize],
-            _pad1: [0; 0x400 - 4 - 2 * QUEUE_SIZE as usize],
-            used_flags: 0,
-            used_idx: 0,
-            used_ring: [UsedElem { id: 0, len: 0 }; QUEUE_SIZE as usize],
+            }; N],
+            avail: Avail {
+                flags: 0,
+                idx: 0,
+                ring: [0; N],
+                used_event: 0,
+            },
+            used: Used {
+                flags: 0,
+                idx: 0,
+                ring: [UsedElem { id: 0, len: 0 }; N],
+                avail_event: 0,
+            },
         }
     }
 }
 
 /// A queue the driver uses.
-pub struct Queue {
-    rings: *mut Rings,
+pub struct Queue<const N: usize = { QUEUE_SIZE as usize }> {
+    rings: *mut Rings<N>,
     index: u32,
     last_used: u16,
 }
@@ -137,17 +153,17 @@ impl Device {
     }
 
     /// Sets up queue `index` on `rings`.
-    pub fn queue(&self, index: u32, rings: *mut Rings) -> Option<Queue> {
+    pub fn queue<const N: usize>(&self, index: u32, rings: *mut Rings<N>) -> Option<Queue<N>> {
         self.write(REG_QUEUE_SEL, index);
-        if self.read(REG_QUEUE_NUM_MAX) < u32::from(QUEUE_SIZE) {
+        if self.read(REG_QUEUE_NUM_MAX) < N as u32 {
             return None;
         }
-        self.write(REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write(REG_QUEUE_NUM, N as u32);
         let base = rings as u64;
         for (reg, addr) in [
             (REG_QUEUE_DESC, base),
-            (REG_QUEUE_DRIVER, base + 0x400),
-            (REG_QUEUE_DEVICE, base + 0x800),
+            (REG_QUEUE_DRIVER, base + core::mem::offset_of!(Rings<N>, avail) as u64),
+            (REG_QUEUE_DEVICE, base + core::mem::offset_of!(Rings<N>, used) as u64),
         ] {
             self.write(reg, addr as u32);
             self.write(reg + 4, (addr >> 32) as u32);
@@ -182,7 +198,7 @@ impl Device {
     }
 
     /// Notifies the device of new buffers on `q`.
-    pub fn notify(&self, q: &Queue) {
+    pub fn notify<const N: usize>(&self, q: &Queue<N>) {
         fence(Ordering::SeqCst);
         self.write(REG_QUEUE_NOTIFY, q.index);
     }
@@ -202,46 +218,50 @@ impl Device {
     }
 }
 
-impl Queue {
+impl<const N: usize> Queue<N> {
+    /// Writes descriptor `i` as it is given (flags and `next` included).
+    pub fn set_desc(&mut self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        // SAFETY: as for `offer`.
+        unsafe {
+            let r = &mut *self.rings;
+            write_volatile(&mut r.desc[usize::from(i) % N], Desc { addr, len, flags, next });
+        }
+    }
+
+    /// Makes the chain at descriptor `head` available.
+    pub fn publish(&mut self, head: u16) {
+        // SAFETY: as for `offer`.
+        unsafe {
+            let r = &mut *self.rings;
+            let idx = read_volatile(&r.avail.idx);
+            write_volatile(&mut r.avail.ring[usize::from(idx) % N], head);
+            fence(Ordering::SeqCst);
+            write_volatile(&mut r.avail.idx, idx.wrapping_add(1));
+        }
+    }
+
+    /// False while the device asks not to be notified (it is draining the
+    /// ring and will see new buffers anyway).
+    pub fn wants_notify(&self) -> bool {
+        fence(Ordering::SeqCst);
+        // SAFETY: as for `take_used`.
+        unsafe { read_volatile(&(*self.rings).used.flags) & USED_F_NO_NOTIFY == 0 }
+    }
+
     /// Makes descriptor `slot` a one-buffer chain and offers it.
     pub fn offer(&mut self, slot: u16, addr: u64, len: u32, device_writes: bool) {
         // SAFETY: `rings` points at this queue's static rings, which only
         // this driver writes (the device writes the used ring only).
         unsafe {
             let r = &mut *self.rings;
-            r.desc[slot as usize] = Desc {
+            r.desc[slot as usize % N] = Desc {
                 addr,
                 len,
                 flags: if device_writes { DESC_F_WRITE } else { 0 },
                 next: 0,
             };
-            let idx = read_volatile(&r.avail_idx);
-            write_volatile(&mut r.avail_ring[(idx % QUEUE_SIZE) as usize], slot);
-            fence(Ordering::SeqCst);
-            write_volatile(&mut r.avail_idx, idx.wrapping_add(1));
         }
-    }
-
-    /// Offers a chain of (address, length, device-writes) buffers, from
-    /// descriptor 0 on.
-    pub fn offer_chain(&mut self, bufs: &[(u64, u32, bool)]) {
-        // SAFETY: as for `offer`.
-        unsafe {
-            let r = &mut *self.rings;
-            for (i, &(addr, len, device_writes)) in bufs.iter().enumerate() {
-                let last = i + 1 == bufs.len();
-                r.desc[i] = Desc {
-                    addr,
-                    len,
-                    flags: if device_writes { DESC_F_WRITE } else { 0 } | if last { 0 } else { DESC_F_NEXT },
-                    next: if last { 0 } else { i as u16 + 1 },
-                };
-            }
-            let idx = read_volatile(&r.avail_idx);
-            write_volatile(&mut r.avail_ring[(idx % QUEUE_SIZE) as usize], 0);
-            fence(Ordering::SeqCst);
-            write_volatile(&mut r.avail_idx, idx.wrapping_add(1));
-        }
+        self.publish(slot);
     }
 
     /// Offers a chain whose head points past the end of guest memory, as
@@ -256,12 +276,12 @@ impl Queue {
         // the device writes it.
         unsafe {
             let r = &*self.rings;
-            let idx = read_volatile(&r.used_idx);
+            let idx = read_volatile(&r.used.idx);
             if idx == self.last_used {
                 return None;
             }
             fence(Ordering::SeqCst);
-            let e = read_volatile(&r.used_ring[(self.last_used % QUEUE_SIZE) as usize]);
+            let e = read_volatile(&r.used.ring[usize::from(self.last_used) % N]);
             self.last_used = self.last_used.wrapping_add(1);
             Some((e.id as u16, e.len))
         }

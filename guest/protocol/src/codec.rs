@@ -184,6 +184,20 @@ mod tests {
                 end: true,
             },
             Request::EntrypointStatus,
+            Request::DiskIo(DiskIoRequest {
+                disk: 1,
+                op: DiskOp::Raw(0x7777),
+                sector: 9,
+                len: 512,
+                data: vec![3; 10],
+                layout: DiskLayout::DataSplit(3),
+            }),
+            Request::DiskBench {
+                disk: 0,
+                pattern: DiskPattern::Sequential1M,
+                requests: 64,
+                queue_depth: 8,
+            },
         ]
     }
 
@@ -236,6 +250,18 @@ mod tests {
                 },
             }),
             Reply::Entrypoint(EntrypointState::Failed { message: "no".into() }),
+            Reply::DiskIo(DiskIoReply {
+                status: 0xff,
+                used_len: 513,
+                checksum: 77,
+                data: b"warren-base".to_vec(),
+            }),
+            Reply::DiskBench(DiskBenchReply {
+                requests: 1000,
+                bytes: 4096000,
+                errors: 0,
+                guest_ns: 123,
+            }),
         ];
         let mut frames: Vec<GuestFrame> = replies
             .into_iter()
@@ -295,7 +321,12 @@ mod tests {
         // check would misclassify frames.
         let last = encode_frame(&HostFrame {
             id: 0,
-            request: Request::EntrypointStatus,
+            request: Request::DiskBench {
+                disk: 0,
+                pattern: DiskPattern::Random4k,
+                requests: 1,
+                queue_depth: 1,
+            },
         })
         .unwrap();
         // id 0 is one varint byte; the tag follows.

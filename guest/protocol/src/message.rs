@@ -130,12 +130,28 @@ pub enum Request {
     /// which guest-agent starts and supervises once the root file system
     /// is in place) is doing. Answered with [`Reply::Entrypoint`].
     EntrypointStatus,
+    /// Probe guest: one virtio-blk request on one of its disks, laid out
+    /// in descriptors as asked (malformed layouts included, to test the
+    /// VMM); answered with [`Reply::DiskIo`].
+    DiskIo(DiskIoRequest),
+    /// Probe guest: `requests` reads of `pattern` on disk `disk` with up to
+    /// `queue_depth` in flight; answered with [`Reply::DiskBench`].
+    DiskBench {
+        /// 0: the base image, 1: the scratch disk.
+        disk: u8,
+        /// What to read.
+        pattern: DiskPattern,
+        /// Reads to do.
+        requests: u32,
+        /// Reads in flight at once (the probe caps it at 64).
+        queue_depth: u16,
+    },
 }
 
 impl Request {
     /// Number of variants this build knows. A frame naming a variant index
     /// at or above it is an unknown request, not a malformed one.
-    pub const VARIANTS: u32 = 15;
+    pub const VARIANTS: u32 = 17;
 
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
@@ -155,8 +171,111 @@ impl Request {
             Request::Http(_) => "http",
             Request::HttpBody { .. } => "http_body",
             Request::EntrypointStatus => "entrypoint_status",
+            Request::DiskIo(_) => "disk_io",
+            Request::DiskBench { .. } => "disk_bench",
         }
     }
+}
+
+/// One virtio-blk request the probe guest makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIoRequest {
+    /// 0: the base image, 1: the scratch disk (the order of the VM's
+    /// virtio-blk devices).
+    pub disk: u8,
+    /// The request type.
+    pub op: DiskOp,
+    /// First sector (the header's `sector`).
+    pub sector: u64,
+    /// Bytes of the device-writable data buffer for everything but a
+    /// write (0: no data buffer).
+    pub len: u32,
+    /// What a write writes (its length is the data length).
+    pub data: Vec<u8>,
+    /// How the request is laid out in descriptors.
+    pub layout: DiskLayout,
+}
+
+/// A virtio-blk request type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskOp {
+    /// `VIRTIO_BLK_T_IN`; the reply carries the data's checksum.
+    Read,
+    /// `VIRTIO_BLK_T_OUT` of the request's `data`.
+    Write,
+    /// `VIRTIO_BLK_T_FLUSH`.
+    Flush,
+    /// `VIRTIO_BLK_T_GET_ID`; the reply carries the id bytes.
+    GetId,
+    /// Any type number, with a device-writable data buffer.
+    Raw(u32),
+}
+
+/// How the probe lays a disk request out in descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskLayout {
+    /// Header, data, status: one descriptor each.
+    Normal,
+    /// The 16-byte header in two descriptors of 8.
+    HeaderSplit,
+    /// The data in this many descriptors.
+    DataSplit(u16),
+    /// Data and status in one descriptor (reads), header and data in one
+    /// (writes).
+    Merged,
+    /// Only 8 header bytes.
+    ShortHeader,
+    /// The header in a device-writable descriptor.
+    HeaderWritable,
+    /// The data descriptor in the direction the type does not use.
+    WrongDirection,
+    /// No status descriptor (a read's chain then ends in its
+    /// device-writable data buffer, whose last byte the device takes for
+    /// the status; a write's ends device-readable: no status at all).
+    NoStatus,
+    /// A status descriptor of length 0.
+    EmptyStatus,
+    /// The last descriptor links back to the first.
+    Loop,
+    /// The data descriptor points at 1 TiB, outside guest memory.
+    DataOutsideMemory,
+}
+
+/// What a disk benchmark reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskPattern {
+    /// 4 KiB reads at random 4 KiB-aligned offsets.
+    Random4k,
+    /// 1 MiB reads one after the other, wrapping at the end of the disk.
+    Sequential1M,
+}
+
+/// Answer to [`Request::DiskIo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskIoReply {
+    /// The status byte (0xff when the device did not write it).
+    pub status: u8,
+    /// The length the device returned the chain with.
+    pub used_len: u32,
+    /// A successful read: wrapping sum of the data as little-endian
+    /// 64-bit words (0 otherwise).
+    pub checksum: u64,
+    /// A get-id: the data buffer's bytes (empty otherwise).
+    pub data: Vec<u8>,
+}
+
+/// Answer to [`Request::DiskBench`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskBenchReply {
+    /// Reads completed.
+    pub requests: u64,
+    /// Bytes they read.
+    pub bytes: u64,
+    /// Reads answered with a status other than OK.
+    pub errors: u64,
+    /// Guest time (kvm-clock) from the first read offered to the last
+    /// one back, ns.
+    pub guest_ns: u64,
 }
 
 /// An HTTP request to a server inside the guest.
@@ -303,6 +422,10 @@ pub enum Reply {
     },
     /// Answer to [`Request::EntrypointStatus`] (final).
     Entrypoint(EntrypointState),
+    /// Answer to [`Request::DiskIo`] (final).
+    DiskIo(DiskIoReply),
+    /// Answer to [`Request::DiskBench`] (final).
+    DiskBench(DiskBenchReply),
 }
 
 /// The image entrypoint's state, as guest-agent supervises it.

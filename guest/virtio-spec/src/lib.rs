@@ -36,6 +36,17 @@ pub mod desc {
     pub const F_NEXT: u16 = 1;
     /// The device writes this buffer.
     pub const F_WRITE: u16 = 2;
+    /// The buffer is a table of descriptors (VIRTIO_F_INDIRECT_DESC,
+    /// which Warren's devices do not offer).
+    pub const F_INDIRECT: u16 = 4;
+}
+
+/// Split-virtqueue ring flags.
+pub mod ring {
+    /// Used ring flag: the device does not need notifications now.
+    pub const USED_F_NO_NOTIFY: u16 = 1;
+    /// Available ring flag: the driver does not need interrupts now.
+    pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 }
 
 /// The virtio-mmio register layout, version 2 (virtio 1.2, 4.2.2).
@@ -103,8 +114,21 @@ pub mod vsock {
 pub mod block {
     /// Sector size.
     pub const SECTOR: u64 = 512;
+    /// Feature: `seg_max` in the config space is the most data segments
+    /// one request may have.
+    pub const F_SEG_MAX: u64 = 1 << 2;
     /// Feature: the disk is read-only.
     pub const F_RO: u64 = 1 << 5;
+    /// Feature: the disk has a write cache that `T_FLUSH` empties.
+    pub const F_FLUSH: u64 = 1 << 9;
+    /// Config space: capacity in sectors (u64).
+    pub const CONFIG_CAPACITY: usize = 0;
+    /// Config space: `seg_max` (u32).
+    pub const CONFIG_SEG_MAX: usize = 12;
+    /// Bytes of the config space Warren's device fills.
+    pub const CONFIG_LEN: usize = 16;
+    /// Bytes of a `T_GET_ID` answer (not NUL-terminated when it is that long).
+    pub const ID_BYTES: usize = 20;
     /// Bytes of the request header (type, reserved, sector).
     pub const REQ_HEADER: usize = 16;
     /// Read.
