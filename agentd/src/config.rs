@@ -378,6 +378,12 @@ impl Config {
         if !self.images.contains_key(&s.image) {
             return bad("sessions.image", format!("no image {:?} in [images]", s.image));
         }
+        if self.image_store.max_image_mib == 0 {
+            return bad("image_store.max_image_mib", "must be at least 1".into());
+        }
+        if self.image_store.max_layers == 0 {
+            return bad("image_store.max_layers", "must be at least 1".into());
+        }
         for (i, p) in self.pool.iter().enumerate() {
             let key = |k: &str| format!("pool[{i}].{k}");
             if !self.images.contains_key(&p.image) {
@@ -477,7 +483,12 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8420");
         assert_eq!(c.sessions.idle_timeout_s, 900);
         assert_eq!(c.sessions.max_lifetime_s, 28_800);
-        assert_eq!(c.pool.len(), 1);
+        assert_eq!(c.pool.len(), 2);
+        assert_eq!(c.pool[1].image, "python");
+        assert_eq!(c.images["python"].interpreter_port, Some(PYTHON_INTERPRETER_PORT));
+        assert!(c.images["python"].rootfs.as_ref().unwrap().ends_with("python.ext4"));
+        assert_eq!(c.image_store.max_image_mib, 4096);
+        assert_eq!(c.image_store_dir(), Path::new("/var/lib/warren/image-store"));
         assert_eq!(c.socket_path(), Path::new("/run/warren/agentd.sock"));
     }
 
@@ -486,6 +497,16 @@ mod tests {
         let text = include_str!("../agentd.example.toml");
         let c = parse(text).unwrap();
         assert_eq!(c.backend, BackendChoice::Auto);
+        // The example states the defaults.
+        let d = parse("").unwrap();
+        let keys = |c: &Config| {
+            c.pool
+                .iter()
+                .map(|p| (p.image.clone(), p.memory_mib, p.target))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&c), keys(&d));
+        assert_eq!(c.image_store.max_layers, d.image_store.max_layers);
     }
 
     #[test]
@@ -498,6 +519,10 @@ mod tests {
         assert!(e.contains("pool[0].image") && e.contains("missing"), "{e}");
         let e = parse("[[pool]]\nimage = \"base\"\nvcpus = 0").unwrap_err().to_string();
         assert!(e.contains("pool[0].vcpus"), "{e}");
+        let e = parse("[image_store]\nmax_layers = 0").unwrap_err().to_string();
+        assert!(e.contains("image_store.max_layers"), "{e}");
+        let e = parse("[images.x]\nrootfs = 3").unwrap_err().to_string();
+        assert!(e.contains("rootfs"), "{e}");
         let e = parse("backend = \"docker\"").unwrap_err().to_string();
         assert!(e.contains("docker") || e.contains("backend"), "{e}");
     }

@@ -45,7 +45,8 @@ enum Cmd {
     Run(run::RunArgs),
     /// Lint, build what tests need and run every test.
     Test(test::TestArgs),
-    /// Run a benchmark: `blk` (virtio-blk throughput, probe guest), `coldstart` (VMM spawn to guest, probe guest), `handout` (agentd session handout), `invoke` (invocation overhead) or
+    /// Run a benchmark: `blk` (virtio-blk throughput, probe guest), `coldstart` (VMM spawn to guest, probe guest), `handout` (agentd session handout), `invoke` (invocation overhead), `code` (handout to first
+    /// executeCode on the python image) or
     /// `kernel-boot` (guest instructions to /init and hello, under QEMU).
     Bench {
         /// The benchmark.
@@ -115,7 +116,18 @@ pub(crate) fn bench(cache: &Cache, name: &str, args: &[String]) -> Result<()> {
                 .env("WARREN_AGENTD", agentd)
                 .env("WARREN_NSINIT", nsinit);
         }
-        other => anyhow::bail!("unknown benchmark {other:?}; available: blk, coldstart, handout, invoke, kernel-boot"),
+        "code" => {
+            let (agentd, nsinit) = sh::build_agentd_release()?;
+            cmd.env("WARREN_VMM", sh::build_vmm_release()?)
+                .env("WARREN_KERNEL", kernel::build(cache)?)
+                .env("WARREN_INITRAMFS", images::build_initramfs(cache)?)
+                .env("WARREN_PYTHON_IMAGE", python_image::build(cache)?)
+                .env("WARREN_AGENTD", agentd)
+                .env("WARREN_NSINIT", nsinit);
+        }
+        other => {
+            anyhow::bail!("unknown benchmark {other:?}; available: blk, code, coldstart, handout, invoke, kernel-boot")
+        }
     }
     sh::run(
         cmd.args([

@@ -42,10 +42,12 @@ pub fn run(cache: &Cache, args: &RunArgs) -> Result<()> {
     packages::ensure(packages::TESTS)?;
     let vmlinux = kernel::build(cache)?;
     let initramfs = images::build_initramfs(cache)?;
+    let python = crate::python_image::build(cache)?;
     let vmm = sh::build_vmm_release()?;
     let (agentd, _nsinit) = sh::build_agentd_release()?;
     println!("kernel:    {}", vmlinux.display());
     println!("initramfs: {}", initramfs.display());
+    println!("python:    {}", python.display());
     if !args.no_qemu {
         qemu_session(vmlinux, initramfs)?;
     }
@@ -196,6 +198,67 @@ fn code_interpreter_session(agent: &ureq::Agent) -> Result<()> {
     Ok(())
 }
 
+/// A code-interpreter session on the python image: state kept between two
+/// calls, pandas, a matplotlib figure coming back as a PNG.
+fn python_session(agent: &ureq::Agent) -> Result<()> {
+    println!(
+        "
+$ curl -X POST {API}/v1/code-interpreter/sessions -d '{{\"image\":\"python\"}}'"
+    );
+    let t0 = Instant::now();
+    let s = call(
+        agent,
+        "POST",
+        "/v1/code-interpreter/sessions",
+        Some(json!({"image": "python"})),
+    )?;
+    let id = s["session_id"].as_str().context("no session id")?.to_string();
+    println!("session {id} in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    let code = |language: &str, code: &str| -> Result<Value> {
+        println!("executeCode ({language}):");
+        for l in code.lines() {
+            println!("  >>> {l}");
+        }
+        let t = Instant::now();
+        let r = call(
+            agent,
+            "POST",
+            &format!("/v1/code-interpreter/sessions/{id}/invoke"),
+            Some(json!({"name": "executeCode", "arguments": {"language": language, "code": code}})),
+        )?;
+        let sc = &r["structuredContent"];
+        print!("{}", sc["stdout"].as_str().unwrap_or(""));
+        if let Some(v) = sc["result"].as_str() {
+            println!("{v}");
+        }
+        println!(
+            "  ({:.1} ms, isError {})",
+            t.elapsed().as_secs_f64() * 1e3,
+            r["isError"]
+        );
+        Ok(r)
+    };
+    code("python", "import pandas as pd\ndf = pd.DataFrame({'x': range(1, 6)})\ndf['x2'] = df.x ** 2\nprint(df.to_string(index=False))")?;
+    code("python", "df.x2.sum()  # df is still here")?;
+    let r = code(
+        "python",
+        "import matplotlib.pyplot as plt\nplt.plot(df.x, df.x2, marker='o')\nplt.title('squares')\nplt.show()",
+    )?;
+    for f in r["structuredContent"]["files"].as_array().into_iter().flatten() {
+        println!(
+            "  figure: {} ({}), readable with readFiles",
+            f["path"].as_str().unwrap_or(""),
+            f["mimeType"].as_str().unwrap_or("")
+        );
+    }
+    code(
+        "javascript",
+        "const greet = (n) => `hello, ${n}`; greet('node ' + process.version)",
+    )?;
+    call(agent, "DELETE", &format!("/v1/code-interpreter/sessions/{id}"), None)?;
+    Ok(())
+}
+
 /// agentd stopped on drop (SIGTERM: it drains).
 struct Agentd(Child);
 
@@ -318,6 +381,7 @@ fn agentd_session(cache: &Cache, agentd: &std::path::Path, args: &RunArgs) -> Re
     );
     runtime_session(&agent)?;
     code_interpreter_session(&agent)?;
+    python_session(&agent)?;
     if args.no_wait {
         println!("\nstopping agentd (--no-wait). `cargo xtask test` runs every test.");
         return Ok(());

@@ -10,6 +10,7 @@
 
 pub mod microvm;
 pub mod namespace;
+mod readiness;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -174,6 +175,7 @@ pub struct Backends {
     images: std::sync::RwLock<BTreeMap<String, ImageConfig>>,
     vm: microvm::MicroVm,
     ns: Option<namespace::Namespace>,
+    boot_timeout: Duration,
 }
 
 impl Backends {
@@ -189,6 +191,7 @@ impl Backends {
             images: std::sync::RwLock::new(cfg.images.clone()),
             vm: microvm::MicroVm::new(cfg, boot_timeout),
             ns,
+            boot_timeout,
         })
     }
 
@@ -249,14 +252,31 @@ impl Backends {
         let image = self
             .image(&key.image)
             .ok_or_else(|| BootError::UnknownImage(key.image.clone()))?;
-        match (self.kind, &self.ns) {
-            (BackendKind::Microvm, _) => self.vm.boot(id, key, &image, spawned).await,
-            (BackendKind::Namespace, Some(ns)) => ns.boot(id, key, &image, spawned).await,
-            (BackendKind::Namespace, None) => Err(BootError::Setup {
-                id: id.into(),
-                message: "the namespace backend is not set up".into(),
-            }),
+        let started = std::time::Instant::now();
+        let mut guest = match (self.kind, &self.ns) {
+            (BackendKind::Microvm, _) => self.vm.boot(id, key, &image, spawned).await?,
+            (BackendKind::Namespace, Some(ns)) => ns.boot(id, key, &image, spawned).await?,
+            (BackendKind::Namespace, None) => {
+                return Err(BootError::Setup {
+                    id: id.into(),
+                    message: "the namespace backend is not set up".into(),
+                })
+            }
+        };
+        if let Some(port) = image.interpreter_port {
+            let left = self.boot_timeout.saturating_sub(started.elapsed());
+            match readiness::wait_for_interpreter(&guest.conn, port, left).await {
+                Ok(waited) => {
+                    tracing::debug!(guest = id, ms = waited.as_millis() as u64, "code interpreter ready");
+                    guest.boot_time = started.elapsed();
+                }
+                Err(message) => {
+                    let _ = guest.teardown().await;
+                    return Err(BootError::Setup { id: id.into(), message });
+                }
+            }
         }
+        Ok(guest)
     }
 }
 

@@ -1128,6 +1128,26 @@ async fn ci_command(c: &Client, id: &str, name: &str, arguments: Value, json_out
     let r = result.context("the stream ended without a result")?;
     if json_out {
         print_json(&r);
+        return Ok(tool_exit_code(&r));
+    }
+    // Interpreted code (python, javascript): the last expression's value,
+    // the figures it showed, and the traceback of what it raised.
+    let sc = &r["structuredContent"];
+    if sc.get("language").is_some() {
+        if let Some(v) = sc["result"].as_str() {
+            println!("{v}");
+        }
+        for f in sc["files"].as_array().into_iter().flatten() {
+            eprintln!(
+                "agentctl: file {} ({})",
+                f["path"].as_str().unwrap_or(""),
+                f["mimeType"].as_str().unwrap_or("")
+            );
+        }
+        if let Some(tb) = sc["error"]["traceback"].as_str().filter(|t| !t.is_empty()) {
+            eprint!("{tb}");
+        }
+        return Ok(if r["isError"] == true { 1 } else { 0 });
     }
     Ok(tool_exit_code(&r))
 }
