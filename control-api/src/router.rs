@@ -183,7 +183,9 @@ async fn route<N: Node>(
         | (["v1", "runtimes", _, "invocations"], _)
         | (["v1", "runtimes", _], _)
         | (["v1", "runtimes", _, "versions"], _)
-        | (["v1", "runtimes", _, "endpoints", _], _) => Err(ApiError::method_not_allowed(format!(
+        | (["v1", "runtimes", _, "endpoints", _], _)
+        | (["v1", "images"], _)
+        | (["v1", "images", _], _) => Err(ApiError::method_not_allowed(format!(
             "{method} is not allowed on {path}"
         ))),
         (["healthz"] | ["metrics"] | ["openapi.json"] | ["v1", "pools"], _)
