@@ -132,14 +132,19 @@ impl ImageStore {
         std::fs::remove_dir_all(&dir).map_err(|e| ApiError::internal(format!("removing {}: {e}", dir.display())))
     }
 
-    /// How agentd boots a stored image.
-    pub fn image_config(&self, img: &StoredImage) -> Result<ImageConfig, String> {
-        let boot = self.boot.clone().ok_or_else(|| {
+    /// The image whose kernel and initramfs imported images boot with.
+    pub fn boot_image(&self) -> Result<&ImageConfig, String> {
+        self.boot.as_ref().ok_or_else(|| {
             format!(
                 "image_store.boot_image {:?} is not a configured image: imported images need its kernel and initramfs",
                 self.boot_name
             )
-        })?;
+        })
+    }
+
+    /// How agentd boots a stored image.
+    pub fn image_config(&self, img: &StoredImage) -> Result<ImageConfig, String> {
+        let boot = self.boot_image()?.clone();
         Ok(ImageConfig {
             kernel: boot.kernel,
             initramfs: boot.initramfs,

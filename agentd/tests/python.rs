@@ -142,6 +142,35 @@ fn python_output_streams_as_it_is_printed() {
     let last = rest.last().unwrap();
     assert_eq!(last["type"], "result");
     assert_eq!(last["result"]["structuredContent"]["stdout"], "0\n1\n2\n");
+
+    // A client that goes away interrupts its cell, even a silent one: the
+    // interpreter is free for the next call, and the state survives.
+    run(&a, &id, "python", "kept = 'yes'");
+    let r = a.raw(
+        "POST",
+        &format!("/v1/code-interpreter/sessions/{id}/invoke/stream"),
+        &json!({"name": "executeCode", "arguments": {"language": "python",
+                "code": "import time\nprint('spinning', flush=True)\nwhile True:\n    time.sleep(0.01)"}})
+        .to_string(),
+    );
+    let mut lines = std::io::BufReader::new(r.into_reader()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("spinning"));
+    drop(lines);
+    let t0 = Instant::now();
+    let r = run(&a, &id, "python", "kept");
+    assert_eq!(r["structuredContent"]["result"], "'yes'", "{r}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the abandoned cell held the interpreter"
+    );
+    // Too much code is refused up front.
+    let (st, r) = tool(
+        &a,
+        &id,
+        "executeCode",
+        json!({"language": "python", "code": "#".repeat(600 << 10)}),
+    );
+    assert_eq!(st, 413, "{r}");
 }
 
 #[test]
@@ -289,4 +318,13 @@ fn python_on_an_image_without_an_interpreter_is_refused() {
     // Shell code still runs there.
     let (_, r) = tool(&a, &id, "executeCode", json!({"language": "sh", "code": "echo ok"}));
     assert_eq!(r["structuredContent"]["stdout"], "ok\n");
+    // The initramfs ships /dev/console; the sandbox must not pass the
+    // image's device nodes through (they would be the host's devices).
+    let (_, r) = tool(
+        &a,
+        &id,
+        "executeCommand",
+        json!({"command": "test -e /dev/console; echo console=$?; test -c /dev/null; echo null=$?"}),
+    );
+    assert_eq!(r["structuredContent"]["stdout"], "console=1\nnull=0\n", "{r}");
 }

@@ -6,6 +6,8 @@ Jupyter-like persistent state, behind a small HTTP/1.1 server.
   POST /execute  {"language", "code", "timeout_ms"} -> chunked NDJSON events
                  (stdout, stderr, result, file), always ending with one "end" event
   POST /reset    {"language": "python" | "javascript" | null} -> {"reset": [...]}
+  POST /interrupt {"language": "python" | "javascript", "job": N} -> {"interrupted": N}
+                 (N: the X-Warren-Job header of that /execute; all of the language's without)
 
 Python cells run in the main thread, because only the main thread can be
 interrupted by SIGINT (that is how a timeout becomes a KeyboardInterrupt that
@@ -36,6 +38,8 @@ LAST = "__warren_last_value__"
 MAIN_IDENT = threading.main_thread().ident
 WORK = queue.Queue()          # callables for the main thread
 READY = threading.Event()
+RUNNING = {language: set() for language in LANGUAGES}   # jobs being streamed, for /interrupt
+RUNNING_LOCK = threading.Lock()
 CURRENT = None                # the Python job running in the main thread, if any
 LOG_FD = SAVED_OUT = SAVED_ERR = 2
 
@@ -79,7 +83,10 @@ def guarded(run, job):
 class Job:
     """One /execute: the runner puts events into `events`, the HTTP handler streams them."""
 
+    ids = itertools.count(1)
+
     def __init__(self, code, timeout_ms):
+        self.id = next(Job.ids)
         self.code, self.timeout_ms = code, timeout_ms
         self.events, self.done = queue.Queue(), threading.Event()
         self.stop_reason = self.t0 = None
@@ -539,7 +546,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "warren-interpreter"
     disable_nagle_algorithm = True        # events are small and must not wait for ACKs
-    ROUTES = {"/health": "GET", "/execute": "POST", "/reset": "POST"}
+    ROUTES = {"/health": "GET", "/execute": "POST", "/reset": "POST", "/interrupt": "POST"}
 
     def dispatch(self):
         t0, self.status = time.monotonic(), "-"
@@ -640,6 +647,22 @@ class Handler(BaseHTTPRequestHandler):
             JS.reset()
         self.send_json(200, {"reset": languages})
 
+    def route_interrupt(self, body):
+        """Stops what runs in `language` (the host's client went away: the host's own
+        connection to us may well stay open, so stream() cannot see it)."""
+        req = self.parse(body)
+        language, job_id = req.get("language"), req.get("job")
+        if language not in LANGUAGES:
+            raise HttpError(400, f"unknown language {language!r}; expected one of {LANGUAGES}")
+        if job_id is not None and (isinstance(job_id, bool) or not isinstance(job_id, int)):
+            raise HttpError(400, "job must be the number /execute sent in X-Warren-Job")
+        with RUNNING_LOCK:
+            # One job when named (a later one may already be queued), else all.
+            jobs = [j for j in RUNNING[language] if job_id is None or j.id == job_id]
+        for job in jobs:
+            job.request_stop("interrupted by the client")
+        self.send_json(200, {"interrupted": len(jobs)})
+
     def route_execute(self, body):
         req = self.parse(body)
         language, code, timeout = req.get("language"), req.get("code"), req.get("timeout_ms")
@@ -658,7 +681,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             job = JsJob(code, timeout)
             threading.Thread(target=guarded, args=(JS.run, job), daemon=True).start()
-        self.stream(job)
+        with RUNNING_LOCK:
+            RUNNING[language].add(job)
+        try:
+            self.stream(job)
+        finally:
+            with RUNNING_LOCK:
+                RUNNING[language].discard(job)
 
     def stream(self, job):
         """Sends the job's events as they come. When the client goes away, the run is
@@ -670,6 +699,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Warren-Job", str(job.id))
         self.end_headers()
         gone, pending, last_tick = False, None, time.monotonic()
         while True:

@@ -124,7 +124,7 @@ pub fn build(src: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4Image, Ex
         );
         match made {
             Ok(_) => break,
-            Err(_) if attempt < 6 => {
+            Err(Ext4Error::Tool { .. }) if attempt < 6 => {
                 attempt += 1;
                 blocks += blocks / 8;
             }
@@ -135,8 +135,21 @@ pub fn build(src: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4Image, Ex
         }
     }
     // resize2fs insists on a freshly checked file system.
-    run("e2fsck", Command::new("e2fsck").args(["-f", "-y"]).arg(out))?;
-    run("resize2fs", Command::new("resize2fs").args(["-M"]).arg(out))?;
+    // The fake time keeps the superblock's check and write times fixed.
+    run(
+        "e2fsck",
+        Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(out)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )?;
+    run(
+        "resize2fs",
+        Command::new("resize2fs")
+            .args(["-M"])
+            .arg(out)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )?;
     let bytes = fs_bytes(out)?;
     let file = std::fs::OpenOptions::new().write(true).open(out).map_err(io)?;
     file.set_len(bytes).map_err(io)?;

@@ -303,6 +303,26 @@ impl QemuGuest {
         })
     }
 
+    /// Runs `argv` in the guest (timeout `timeout_ms`); its stdout. Panics,
+    /// with the guest console, when it fails: for tests.
+    pub fn run(&mut self, argv: &[&str], timeout_ms: u64) -> String {
+        let out = self
+            .client
+            .exec(warren_protocol::ExecRequest {
+                argv: argv.iter().map(|s| s.to_string()).collect(),
+                timeout_ms: Some(timeout_ms),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}\n{}", self.serial_log()));
+        assert!(
+            out.status.success(),
+            "{argv:?} failed: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// What the guest printed on its serial console so far.
     pub fn serial_log(&self) -> String {
         read_lossy(&self.serial)

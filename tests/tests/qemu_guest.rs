@@ -32,21 +32,7 @@ fn boot(vcpus: u32) -> qemu::QemuGuest {
 }
 
 fn run(g: &mut qemu::QemuGuest, argv: &[&str]) -> String {
-    let out = g
-        .client
-        .exec(ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_ms: Some(30_000),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}\n{}", g.serial_log()));
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    g.run(argv, 30000)
 }
 
 #[test]

@@ -13,26 +13,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use warren_e2e::{artifacts, qemu};
 use warren_protocol::client::ClientError;
-use warren_protocol::{EntrypointState, ErrorKind, ExecRequest, HttpRequest, Reply, Request};
+use warren_protocol::{EntrypointState, ErrorKind, HttpRequest, Reply, Request};
 
 const INTERPRETER_PORT: u16 = 8421;
 
 fn run(g: &mut qemu::QemuGuest, argv: &[&str]) -> String {
-    let out = g
-        .client
-        .exec(ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_ms: Some(120_000),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}\n{}", g.serial_log()));
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    g.run(argv, 120000)
 }
 
 /// One HTTP request to the interpreter; None while nothing listens yet.

@@ -23,7 +23,7 @@ use warren_images::{cache::key_of, Cache};
 use crate::{packages, sh};
 
 /// Bump when the recipe changes in a way the inputs below do not show.
-const RECIPE_VERSION: &str = "python-image-2";
+const RECIPE_VERSION: &str = "python-image-3";
 const SUITE: &str = "bookworm";
 /// Installed on top of minbase.
 const PACKAGES: &[&str] = &[
@@ -270,6 +270,13 @@ fn assemble(tree: &Path, mirror: &str, py: &[u8], js: &[u8], meta: &[u8]) -> Res
         }
     }
     remove_test_suites(&tree.join("usr/lib/python3/dist-packages"))?;
+    // debootstrap leaves device nodes in /dev; a guest gets its own
+    // (devtmpfs in a VM, a handful made by the sandbox), so none ship.
+    let dev = tree.join("dev");
+    if dev.is_dir() {
+        std::fs::remove_dir_all(&dev).with_context(|| format!("emptying {}", dev.display()))?;
+    }
+    std::fs::create_dir_all(&dev)?;
     let warren = tree.join("usr/lib/warren");
     std::fs::create_dir_all(&warren)?;
     std::fs::write(warren.join("interpreter.py"), py)?;

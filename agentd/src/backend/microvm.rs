@@ -76,16 +76,6 @@ impl MicroVm {
                 hint: " (build it with `cargo xtask kernel`)",
             });
         }
-        if let Some(r) = &image.rootfs {
-            if !r.is_file() {
-                return Err(BootError::MissingArtifact {
-                    image: key.image.clone(),
-                    what: "rootfs",
-                    path: r.clone(),
-                    hint: " (build the python image with `cargo xtask images`, or import one with `agentctl image import`)",
-                });
-            }
-        }
         if let Some(i) = &image.initramfs {
             if !i.is_file() {
                 return Err(BootError::MissingArtifact {

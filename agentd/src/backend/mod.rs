@@ -252,6 +252,17 @@ impl Backends {
         let image = self
             .image(&key.image)
             .ok_or_else(|| BootError::UnknownImage(key.image.clone()))?;
+        // Both backends use the root file system as it is: check it once.
+        if let Some(r) = &image.rootfs {
+            if !r.is_file() {
+                return Err(BootError::MissingArtifact {
+                    image: key.image.clone(),
+                    what: "rootfs",
+                    path: r.clone(),
+                    hint: " (build the python image with `cargo xtask images`, or import one with `agentctl image import`)",
+                });
+            }
+        }
         let started = std::time::Instant::now();
         let mut guest = match (self.kind, &self.ns) {
             (BackendKind::Microvm, _) => self.vm.boot(id, key, &image, spawned).await?,

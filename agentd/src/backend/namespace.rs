@@ -75,6 +75,12 @@ impl Namespace {
         sandbox::rootfs::unmount_all(&self.images_dir)
     }
 
+    /// Unmounts one image's root file system (lazily), before its file is
+    /// deleted: its loop device and blocks are freed once no sandbox uses it.
+    pub fn release_image(&self, rootfs: &Path) -> bool {
+        sandbox::rootfs::unmount(&self.images_dir, rootfs)
+    }
+
     pub(super) async fn boot(
         &self,
         id: &str,
@@ -98,16 +104,6 @@ impl Namespace {
             });
         }
         let image_rootfs = image.rootfs.clone();
-        if let Some(r) = &image_rootfs {
-            if !r.is_file() {
-                return Err(BootError::MissingArtifact {
-                    image: key.image.clone(),
-                    what: "rootfs",
-                    path: r.clone(),
-                    hint: " (build the python image with `cargo xtask images`, or import one with `agentctl image import`)",
-                });
-            }
-        }
         let started = Instant::now();
         let setup = |message: String| BootError::Setup { id: id.into(), message };
         let (image_root, agent_layer) = {

@@ -396,6 +396,10 @@ fn inside(root: &Path, dst: &Path) -> PathBuf {
 /// the host's devices.
 fn make_devices(dev: &Path) {
     std::fs::create_dir_all(dev).or_fail(Step::Devices, format!("mkdir {}", dev.display()));
+    // An image may carry device nodes of its own (debootstrap makes
+    // /dev/console; OCI layers may hold anything): through the overlay they
+    // would open the host's devices. Only the nodes below exist.
+    remove_device_nodes(dev);
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -443,6 +447,21 @@ fn make_devices(dev: &Path) {
             nix::sys::stat::FchmodatFlags::FollowSymlink,
         )
         .or_fail(Step::Devices, format!("chmod {}", p.display()));
+    }
+}
+
+/// Unlinks every character and block device below `dir` (in the overlay:
+/// a whiteout; the image itself is untouched).
+fn remove_device_nodes(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_char_device() || ft.is_block_device() {
+            std::fs::remove_file(e.path()).or_fail(Step::Devices, format!("removing {}", e.path().display()));
+        } else if ft.is_dir() {
+            remove_device_nodes(&e.path());
+        }
     }
 }
 

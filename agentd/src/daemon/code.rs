@@ -505,13 +505,20 @@ pub(super) async fn run_streaming(
             let ev = match replies.next().await {
                 Ok((Reply::Output { stream, data }, _)) => {
                     let text = String::from_utf8_lossy(&data).into_owned();
+                    // All of it streams; the result keeps the last TASK_KEEP
+                    // bytes of each (a command may print without end).
+                    let keep = |buf: &mut Vec<u8>| {
+                        buf.extend_from_slice(&data);
+                        let cut = buf.len().saturating_sub(TASK_KEEP);
+                        buf.drain(..cut);
+                    };
                     let kind = match stream {
                         Stream::Stdout => {
-                            out.extend_from_slice(&data);
+                            keep(&mut out);
                             "stdout"
                         }
                         Stream::Stderr => {
-                            err.extend_from_slice(&data);
+                            keep(&mut err);
                             "stderr"
                         }
                     };

@@ -66,6 +66,9 @@ impl Daemon {
                 req.name
             )));
         }
+        // Refused before any work: imported images boot with the boot
+        // image's kernel and initramfs.
+        self.inner.image_store.boot_image().map_err(ApiError::internal)?;
         {
             let mut busy = self.inner.importing.lock().unwrap_or_else(|p| p.into_inner());
             if !busy.insert(req.name.clone()) {
@@ -75,28 +78,28 @@ impl Daemon {
                 )));
             }
         }
+        // The import finishes, and registers its image, even when the
+        // client goes away meanwhile (dropping this future).
         let d = self.clone();
-        let name = req.name.clone();
-        let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || d.inner.image_store.import(Path::new(&req.path), &req.name))
-            .await
-            .map_err(|e| ApiError::internal(format!("the import task failed: {e}")))
-            .and_then(|r| r);
-        self.inner
-            .importing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&name);
-        let img = result?;
-        let cfg = self.inner.image_store.image_config(&img).map_err(ApiError::internal)?;
-        if !self.inner.backends.add_image(&img.name, cfg, false) {
-            return Err(ApiError::conflict(format!(
-                "an image named {:?} exists already",
-                img.name
-            )));
-        }
-        tracing::info!(image = %img.name, bytes = img.rootfs_bytes, ms = started.elapsed().as_millis() as u64, "image imported");
-        Ok(image_store::info(&img))
+        let task = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let result = d.inner.image_store.import(Path::new(&req.path), &req.name).and_then(|img| {
+                let cfg = d.inner.image_store.image_config(&img).map_err(ApiError::internal)?;
+                if !d.inner.backends.add_image(&img.name, cfg, false) {
+                    return Err(ApiError::conflict(format!("an image named {:?} exists already", img.name)));
+                }
+                tracing::info!(image = %img.name, bytes = img.rootfs_bytes, ms = started.elapsed().as_millis() as u64, "image imported");
+                Ok(image_store::info(&img))
+            });
+            d.inner
+                .importing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&req.name);
+            result
+        });
+        task.await
+            .map_err(|e| ApiError::internal(format!("the import task failed: {e}")))?
     }
 
     pub(super) async fn image_delete(&self, name: &str) -> Result<ImageInfo, ApiError> {
@@ -123,6 +126,9 @@ impl Daemon {
             )));
         }
         self.inner.backends.remove_image(name);
+        if let Some(ns) = self.inner.backends.namespace() {
+            ns.release_image(&img.rootfs);
+        }
         self.inner.image_store.remove(name)?;
         Ok(image_store::info(&img))
     }

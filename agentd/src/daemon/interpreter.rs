@@ -25,6 +25,17 @@ use crate::session::Session;
 const READY_WAIT: Duration = Duration::from_secs(60);
 /// Largest figure attached inline to a result.
 const MAX_INLINE_FIGURE: usize = 8 << 20;
+/// Largest code sent (it travels in one protocol frame).
+const MAX_CODE: usize = 512 << 10;
+/// Output kept for the result, per stream (the oldest is dropped; all of
+/// it was streamed as it came).
+const KEEP: usize = 1 << 20;
+/// Longest event line, and largest answer to a small request: the server
+/// in the guest is the session's to replace, so nothing it sends may grow
+/// agentd without bound.
+const MAX_LINE: usize = 4 << 20;
+/// Silence after which a stream gets a `keepalive` event.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The languages the interpreter serves, by the names clients use.
 pub fn language(name: &str) -> Option<&'static str> {
@@ -38,7 +49,13 @@ pub fn language(name: &str) -> Option<&'static str> {
 /// Posts `body` to the interpreter's `path`; waits for the server to be up
 /// (connection refused while it starts) and fails fast when the image's
 /// entrypoint has exited.
-async fn post(s: &Session, port: u16, path: &str, body: Vec<u8>) -> Result<(u16, Replies), ApiError> {
+async fn post(
+    s: &Session,
+    port: u16,
+    path: &str,
+    body: Vec<u8>,
+    timeout_ms: u64,
+) -> Result<(u16, Head, Replies), ApiError> {
     let id = s.snapshot().id;
     let started = Instant::now();
     loop {
@@ -52,18 +69,22 @@ async fn post(s: &Session, port: u16, path: &str, body: Vec<u8>) -> Result<(u16,
                 headers: vec![("content-type".into(), "application/json".into())],
                 body: body.clone(),
                 more_body: false,
-                timeout_ms: Some(10_000),
+                timeout_ms: Some(timeout_ms),
             }))
             .await
             .map_err(|e| guest_error(&id, e))?;
         match replies.next().await {
-            Ok((Reply::HttpHead { status, .. }, _)) => return Ok((status, replies)),
+            Ok((Reply::HttpHead { status, headers }, _)) => return Ok((status, headers, replies)),
             Ok((other, _)) => {
                 return Err(ApiError::internal(format!(
                     "the guest answered an interpreter request with {other:?}"
                 )))
             }
-            Err(ConnError::Guest(g)) if g.kind == ErrorKind::Io && started.elapsed() < READY_WAIT => {
+            // Only a refused connection is the server not up yet; a timeout
+            // must not be sent again (the request may be running).
+            Err(ConnError::Guest(g))
+                if g.kind == ErrorKind::Io && g.message.contains("cannot reach") && started.elapsed() < READY_WAIT =>
+            {
                 if let Some(why) = entrypoint_gone(s).await {
                     return Err(ApiError::new(
                         502,
@@ -88,6 +109,9 @@ async fn post(s: &Session, port: u16, path: &str, body: Vec<u8>) -> Result<(u16,
     }
 }
 
+/// Response headers.
+type Head = Vec<(String, String)>;
+
 /// Why the interpreter will never answer, when its entrypoint is gone.
 async fn entrypoint_gone(s: &Session) -> Option<String> {
     match s.guest.conn.call(Request::EntrypointStatus).await {
@@ -110,14 +134,25 @@ async fn entrypoint_gone(s: &Session) -> Option<String> {
     }
 }
 
-/// Reads the whole body of an answer.
+/// Reads the whole body of an answer (at most [`MAX_LINE`] bytes kept).
 async fn body_of(replies: &mut Replies) -> Result<Vec<u8>, ConnError> {
     let mut body = Vec::new();
     loop {
         match replies.next().await?.0 {
-            Reply::HttpChunk { data } => body.extend_from_slice(&data),
+            Reply::HttpChunk { data } => {
+                let room = MAX_LINE.saturating_sub(body.len());
+                body.extend_from_slice(&data[..data.len().min(room)]);
+            }
             _ => return Ok(body),
         }
+    }
+}
+
+/// Asks the interpreter to stop what runs in `language` (best effort).
+async fn interrupt(s: &Session, port: u16, language: &str, job: Option<u64>) {
+    let body = json!({ "language": language, "job": job }).to_string().into_bytes();
+    if let Ok((_, _, mut replies)) = post(s, port, "/interrupt", body, 5_000).await {
+        let _ = body_of(&mut replies).await;
     }
 }
 
@@ -125,11 +160,13 @@ async fn body_of(replies: &mut Replies) -> Result<Vec<u8>, ConnError> {
 /// None).
 pub async fn clear(s: &Arc<Session>, port: u16, language: Option<&'static str>) -> Result<Value, ApiError> {
     let id = s.snapshot().id;
-    let (status, mut replies) = post(
+    let (status, _, mut replies) = post(
         s,
         port,
         "/reset",
         json!({ "language": language }).to_string().into_bytes(),
+        // A reset waits for a running cell to end: give it time.
+        600_000,
     )
     .await?;
     let body = body_of(&mut replies).await.map_err(|e| guest_error(&id, e))?;
@@ -159,8 +196,20 @@ pub async fn execute(
     timeout_ms: Option<u64>,
 ) -> Result<mpsc::Receiver<Value>, ApiError> {
     let id = s.snapshot().id;
+    if code.len() > MAX_CODE {
+        return Err(ApiError::new(
+            413,
+            "payload_too_large",
+            format!("executeCode: the code is {} bytes; at most {MAX_CODE}", code.len()),
+        ));
+    }
     let req = json!({"language": language, "code": code, "timeout_ms": timeout_ms});
-    let (status, mut replies) = post(s, port, "/execute", req.to_string().into_bytes()).await?;
+    let (status, head, mut replies) = post(s, port, "/execute", req.to_string().into_bytes(), 10_000).await?;
+    // Which run to stop if the client goes away (not one queued after it).
+    let job = head
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-warren-job"))
+        .and_then(|(_, v)| v.parse::<u64>().ok());
     if status != 200 {
         let body = body_of(&mut replies).await.map_err(|e| guest_error(&id, e))?;
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -179,8 +228,29 @@ pub async fn execute(
         let _busy = busy;
         let mut run = Run::default();
         let mut pending = Vec::new();
+        // A silent cell writes nothing, and a client that went away is only
+        // noticed when a write to it fails: a keepalive event after every
+        // KEEPALIVE of silence makes that happen.
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
         loop {
-            let data = match replies.next().await {
+            let next = tokio::select! {
+                r = replies.next() => r,
+                _ = keepalive.tick() => {
+                    if tx.send(json!({"type": "keepalive"})).await.is_err() {
+                        interrupt(&s, port, language, job).await;
+                        return;
+                    }
+                    continue;
+                }
+                // The client went away: the cell may print nothing for a
+                // long time, so do not wait for a failed send to notice.
+                _ = tx.closed() => {
+                    interrupt(&s, port, language, job).await;
+                    return;
+                }
+            };
+            keepalive.reset();
+            let data = match next {
                 Ok((Reply::HttpChunk { data }, _)) => data,
                 Ok((Reply::Done, _)) => break,
                 Ok((other, _)) => {
@@ -193,15 +263,19 @@ pub async fn execute(
                 }
             };
             pending.extend_from_slice(&data);
+            if pending.len() > MAX_LINE && !pending.contains(&b'\n') {
+                run.fail(format!("the interpreter sent a line longer than {MAX_LINE} bytes"));
+                interrupt(&s, port, language, job).await;
+                break;
+            }
             while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=nl).collect();
                 let Ok(ev) = serde_json::from_slice::<Value>(&line) else {
                     continue;
                 };
                 if let Some(forward) = run.event(&ev) {
-                    // A client that went away ends the answer; the guest's
-                    // interpreter sees its connection close and interrupts.
                     if tx.send(forward).await.is_err() {
+                        interrupt(&s, port, language, job).await;
                         return;
                     }
                 }
@@ -250,18 +324,18 @@ impl Run {
         let text = ev["text"].as_str().unwrap_or_default();
         match ev["type"].as_str()? {
             "stdout" => {
-                self.stdout.push_str(text);
+                keep(&mut self.stdout, text);
                 Some(json!({"type": "stdout", "data": text}))
             }
             "stderr" => {
-                self.stderr.push_str(text);
+                keep(&mut self.stderr, text);
                 Some(json!({"type": "stderr", "data": text}))
             }
             "result" => {
                 self.result = Some(text.to_string());
                 None
             }
-            "file" => {
+            "file" if self.files.len() < 64 => {
                 self.files.push(json!({"path": ev["path"], "mimeType": ev["mimeType"]}));
                 Some(json!({"type": "file", "path": ev["path"], "mimeType": ev["mimeType"]}))
             }
@@ -325,6 +399,19 @@ impl Run {
     }
 }
 
+/// Appends `text`, keeping the last [`KEEP`] bytes (cut on a character
+/// boundary).
+fn keep(buf: &mut String, text: &str) {
+    buf.push_str(text);
+    if buf.len() > KEEP {
+        let mut cut = buf.len() - KEEP;
+        while !buf.is_char_boundary(cut) {
+            cut += 1;
+        }
+        buf.drain(..cut);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +435,15 @@ mod tests {
         assert_eq!(language("py"), Some("python"));
         assert_eq!(language("node"), Some("javascript"));
         assert_eq!(language("ruby"), None);
+    }
+
+    #[test]
+    fn kept_output_is_bounded_and_stays_utf8() {
+        let mut b = String::new();
+        for _ in 0..3 {
+            keep(&mut b, &"é".repeat(KEEP / 2));
+        }
+        assert!(b.len() <= KEEP && b.len() > KEEP - 4);
+        assert!(b.chars().all(|c| c == 'é'));
     }
 }

@@ -100,7 +100,19 @@ pub fn is_mounted(dir: &Path) -> bool {
 /// Mounts `image` (ext4) read-only on its [`mount_dir`] unless it already
 /// is (a previous agentd left it: it is reused); returns the directory.
 pub fn ensure_mounted(images_dir: &Path, image: &Path) -> Result<PathBuf, SandboxError> {
-    let dir = mount_dir(images_dir, image)?;
+    // Boots run concurrently; two finding the image unmounted must not
+    // stack two mounts (and two loop devices) on one directory.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|p| p.into_inner());
+    // Only root may walk to the mounts: an image's setuid files must not be
+    // reachable from the host (the mount is nosuid too).
+    let base = images_dir.join("rootfs");
+    std::fs::create_dir_all(&base).map_err(|e| io("creating", &base, e))?;
+    std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| io("restricting", &base, e))?;
+    // mountinfo has resolved paths: compare like with like.
+    let base = base.canonicalize().map_err(|e| io("resolving", &base, e))?;
+    let dir = base.join(mount_dir(images_dir, image)?.file_name().unwrap_or_default());
     if is_mounted(&dir) {
         return Ok(dir);
     }
@@ -112,7 +124,7 @@ pub fn ensure_mounted(images_dir: &Path, image: &Path) -> Result<PathBuf, Sandbo
         Some(device.0.as_path()),
         &dir,
         Some("ext4"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
         Some("noload"),
     );
     drop(device);
@@ -123,10 +135,25 @@ pub fn ensure_mounted(images_dir: &Path, image: &Path) -> Result<PathBuf, Sandbo
     Ok(dir)
 }
 
+/// Lazily unmounts the mount of `image` (deleted or replaced), if any.
+pub fn unmount(images_dir: &Path, image: &Path) -> bool {
+    let Ok(dir) = mount_dir(images_dir, image) else {
+        return false;
+    };
+    let dir = dir.canonicalize().unwrap_or(dir);
+    if !is_mounted(&dir) {
+        return false;
+    }
+    let done = umount2(&dir, MntFlags::MNT_DETACH).is_ok();
+    let _ = std::fs::remove_dir(&dir);
+    done
+}
+
 /// Lazily unmounts every root file system under `images_dir` (sandboxes
 /// still using one keep it until they end; the loop device then clears).
 pub fn unmount_all(images_dir: &Path) -> usize {
     let base = images_dir.join("rootfs");
+    let base = base.canonicalize().unwrap_or(base);
     let Ok(info) = procfs::process::Process::myself().and_then(|p| p.mountinfo()) else {
         return 0;
     };

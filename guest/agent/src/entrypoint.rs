@@ -90,7 +90,38 @@ impl Supervisor {
     }
 }
 
+/// `program` names an executable file (itself, or found in `path`).
+fn check_program(program: &str, path: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let found = if program.contains('/') {
+        executable(Path::new(program))
+    } else {
+        path.split(':').any(|d| executable(&Path::new(d).join(program)))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!("starting {program:?}: no such executable file (PATH {path})"))
+    }
+}
+
 fn spawn(reaper: &Reaper, meta: Metadata, sup: &Arc<Supervisor>) -> EntrypointState {
+    // Checked before spawning: a failed exec after fork would be waited
+    // for by std while PID 1's reaper may already have reaped the child.
+    let path_var = meta
+        .env
+        .iter()
+        .find_map(|kv| kv.strip_prefix("PATH="))
+        .unwrap_or(&DEFAULT_PATH[5..])
+        .to_string();
+    if let Err(message) = check_program(&meta.argv[0], &path_var) {
+        return EntrypointState::Failed { message };
+    }
     let mut cmd = Command::new(&meta.argv[0]);
     cmd.args(&meta.argv[1..]).env_clear();
     let mut has_path = false;

@@ -102,10 +102,12 @@ pub fn switch(device: &str, fstype: &str) -> Result<(), SwitchError> {
         )
         .map_err(|e| fail("moving a kernel file system into the new root", format!("/{d}: {e}")))?;
     }
-    free_initramfs();
     chdir(root.as_str()).map_err(|e| fail("entering the new root", e))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| fail("moving the new root onto /", e))?;
+    // Until the chroot, "/" is still the initramfs: free it now that
+    // nothing can fail any more (a failed switch keeps its busybox).
+    free_initramfs();
     chroot(".").map_err(|e| fail("chroot into the new root", e))?;
     chdir("/").map_err(|e| fail("chdir /", e))?;
     tracing::info!(
