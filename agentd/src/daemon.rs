@@ -449,14 +449,21 @@ impl Daemon {
         if !self.inner.backends.has_image(&image) {
             return Err(ApiError::not_found(format!("no image {image:?} on this node")));
         }
-        let vcpus = req.vcpus.unwrap_or(d.vcpus);
+        // Unless asked otherwise, a session of an image that is not the
+        // default one gets the shape of that image's first pool, so that it
+        // is a warm handout (a python session: the python pool's 512 MiB).
+        let pooled = (image != d.image)
+            .then(|| self.inner.pools.iter().find(|p| p.key.image == image))
+            .flatten()
+            .map(|p| (p.key.vcpus, p.key.memory_mib));
+        let vcpus = req.vcpus.or(pooled.map(|p| p.0)).unwrap_or(d.vcpus);
         if vcpus == 0 || vcpus > d.max_vcpus {
             return Err(ApiError::bad_request(format!(
                 "vcpus {vcpus} is outside 1..={}",
                 d.max_vcpus
             )));
         }
-        let memory_mib = req.memory_mib.unwrap_or(d.memory_mib);
+        let memory_mib = req.memory_mib.or(pooled.map(|p| p.1)).unwrap_or(d.memory_mib);
         if !(16..=d.max_memory_mib).contains(&memory_mib) {
             return Err(ApiError::bad_request(format!(
                 "memory_mib {memory_mib} is outside 16..={}",

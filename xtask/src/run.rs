@@ -201,10 +201,23 @@ fn code_interpreter_session(agent: &ureq::Agent) -> Result<()> {
 /// A code-interpreter session on the python image: state kept between two
 /// calls, pandas, a matplotlib figure coming back as a PNG.
 fn python_session(agent: &ureq::Agent) -> Result<()> {
-    println!(
-        "
-$ curl -X POST {API}/v1/code-interpreter/sessions -d '{{\"image\":\"python\"}}'"
-    );
+    // The python pool's guest is ready once its interpreter has preloaded
+    // its libraries: wait for it, so the session below is a warm handout.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let pools = call(agent, "GET", "/v1/pools", None)?;
+        let ready = pools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["image"] == "python" && p["ready"].as_u64().unwrap_or(0) > 0);
+        if ready {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!();
+    println!("$ curl -X POST {API}/v1/code-interpreter/sessions -d '{{\"image\":\"python\"}}'");
     let t0 = Instant::now();
     let s = call(
         agent,
@@ -213,7 +226,15 @@ $ curl -X POST {API}/v1/code-interpreter/sessions -d '{{\"image\":\"python\"}}'"
         Some(json!({"image": "python"})),
     )?;
     let id = s["session_id"].as_str().context("no session id")?.to_string();
-    println!("session {id} in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "session {id} in {:.1} ms ({})",
+        t0.elapsed().as_secs_f64() * 1e3,
+        if s["session"]["from_pool"] == true {
+            "from the warm pool"
+        } else {
+            "booted on demand"
+        }
+    );
     let code = |language: &str, code: &str| -> Result<Value> {
         println!("executeCode ({language}):");
         for l in code.lines() {
