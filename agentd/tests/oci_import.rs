@@ -289,6 +289,22 @@ fn an_oci_image_imported_with_agentctl_serves_invocations_as_a_runtime() {
     // In use by the runtime's session: not deleted.
     let (st, r) = a.request("DELETE", "/v1/images/sample-oci", None);
     assert_eq!(st, 409, "{r}");
+    // Still named by the runtime once its session is gone: not deleted.
+    for s in a.request("GET", "/v1/sessions", None).1.as_array().unwrap() {
+        if s["state"] == "running" {
+            a.request("DELETE", &format!("/v1/sessions/{}", s["id"].as_str().unwrap()), None);
+        }
+    }
+    let (st, r) = a.request("DELETE", "/v1/images/sample-oci", None);
+    assert_eq!(st, 409, "{r}");
+    assert!(r["message"].as_str().unwrap().contains("runtime \"oci-agent\""), "{r}");
+    let (st, _) = a.request("DELETE", "/v1/runtimes/oci-agent?force=true", None);
+    assert_eq!(st, 200);
+    let (st, r) = a.request("DELETE", "/v1/images/sample-oci", None);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(listing(&store), Vec::<String>::new());
+    let (_, list) = a.request("GET", "/v1/images", None);
+    assert!(!list.to_string().contains("sample-oci"), "{list}");
     let (st, r) = a.request("DELETE", "/v1/images/base", None);
     assert_eq!(st, 409, "{r}");
     let (st, _) = a.request("DELETE", "/v1/images/nope", None);

@@ -125,6 +125,18 @@ impl Daemon {
                 "image {name:?} is in use ({in_use} running sessions, or a configured pool)"
             )));
         }
+        // A runtime version naming the image would be left pointing at nothing.
+        for r in crate::runtimes::list(&self.inner.store)? {
+            if let Some(v) = crate::runtimes::versions(&self.inner.store, &r.name)?
+                .iter()
+                .find(|v| v.image == name)
+            {
+                return Err(ApiError::conflict(format!(
+                    "image {name:?} is used by runtime {:?} version {}: delete the runtime first",
+                    r.name, v.version
+                )));
+            }
+        }
         self.inner.backends.remove_image(name);
         if let Some(ns) = self.inner.backends.namespace() {
             ns.release_image(&img.rootfs);
