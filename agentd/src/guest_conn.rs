@@ -80,6 +80,23 @@ impl Replies {
     pub fn id(&self) -> RequestId {
         self.id
     }
+
+    /// The rest of an HTTP answer's body (`HttpChunk`s up to the final
+    /// reply), keeping at most `max` bytes: the server in the guest is the
+    /// session's, so what it sends must not grow agentd without bound.
+    pub async fn http_body(&mut self, max: usize) -> Result<Vec<u8>, ConnError> {
+        let mut body = Vec::new();
+        loop {
+            match self.next().await?.0 {
+                Reply::HttpChunk { data } => {
+                    let room = max.saturating_sub(body.len());
+                    body.extend_from_slice(&data[..data.len().min(room)]);
+                }
+                Reply::HttpHead { .. } => {}
+                _ => return Ok(body),
+            }
+        }
+    }
 }
 
 impl Drop for Replies {

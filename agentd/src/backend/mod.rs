@@ -10,7 +10,7 @@
 
 pub mod microvm;
 pub mod namespace;
-mod readiness;
+pub(crate) mod readiness;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

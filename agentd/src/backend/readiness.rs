@@ -21,11 +21,8 @@ pub async fn wait_for_interpreter(conn: &GuestConn, port: u16, timeout: Duration
             Ok(false) => last = "the interpreter is still preloading".into(),
             Err(e) => {
                 last = e;
-                if let Ok((Reply::Entrypoint(state), _)) = conn.call(Request::EntrypointStatus).await {
-                    match state {
-                        EntrypointState::Running { .. } => {}
-                        other => return Err(format!("the image's code interpreter is not running: {other:?}")),
-                    }
+                if let Some(why) = entrypoint_gone(conn).await {
+                    return Err(why);
                 }
             }
         }
@@ -47,14 +44,30 @@ async fn health(conn: &GuestConn, port: u16) -> Result<bool, String> {
         }))
         .await
         .map_err(|e| e.to_string())?;
-    let mut body = Vec::new();
-    loop {
-        match replies.next().await.map_err(|e| e.to_string())?.0 {
-            Reply::HttpChunk { data } => body.extend_from_slice(&data),
-            Reply::HttpHead { .. } => {}
-            _ => break,
-        }
-    }
+    // /health answers a few dozen bytes.
+    let body = replies.http_body(64 << 10).await.map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("GET /health: {e}"))?;
     Ok(v["ready"] == true)
+}
+
+/// Why the interpreter will never answer, when its entrypoint is gone.
+pub async fn entrypoint_gone(conn: &GuestConn) -> Option<String> {
+    match conn.call(Request::EntrypointStatus).await {
+        Ok((Reply::Entrypoint(EntrypointState::Exited { argv, status }), _)) => Some(format!(
+            "the code interpreter ({}) exited ({})",
+            argv.join(" "),
+            match (status.code, status.signal) {
+                (Some(c), _) => format!("code {c}"),
+                (_, Some(sig)) => format!("signal {sig}"),
+                _ => "unknown status".into(),
+            }
+        )),
+        Ok((Reply::Entrypoint(EntrypointState::Failed { message }), _)) => {
+            Some(format!("the code interpreter could not start: {message}"))
+        }
+        Ok((Reply::Entrypoint(EntrypointState::None), _)) => {
+            Some("the image names no entrypoint, so no code interpreter runs".into())
+        }
+        _ => None,
+    }
 }

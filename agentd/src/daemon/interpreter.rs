@@ -14,7 +14,7 @@ use base64::Engine;
 use control_api::ApiError;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use warren_protocol::{EntrypointState, ErrorKind, HttpRequest, Reply, Request};
+use warren_protocol::{ErrorKind, HttpRequest, Reply, Request};
 
 use super::exec::guest_error;
 use crate::guest_conn::{ConnError, Replies};
@@ -85,7 +85,7 @@ async fn post(
             Err(ConnError::Guest(g))
                 if g.kind == ErrorKind::Io && g.message.contains("cannot reach") && started.elapsed() < READY_WAIT =>
             {
-                if let Some(why) = entrypoint_gone(s).await {
+                if let Some(why) = crate::backend::readiness::entrypoint_gone(&s.guest.conn).await {
                     return Err(ApiError::new(
                         502,
                         "interpreter_unavailable",
@@ -112,47 +112,11 @@ async fn post(
 /// Response headers.
 type Head = Vec<(String, String)>;
 
-/// Why the interpreter will never answer, when its entrypoint is gone.
-async fn entrypoint_gone(s: &Session) -> Option<String> {
-    match s.guest.conn.call(Request::EntrypointStatus).await {
-        Ok((Reply::Entrypoint(EntrypointState::Exited { argv, status }), _)) => Some(format!(
-            "the code interpreter ({}) exited ({})",
-            argv.join(" "),
-            match (status.code, status.signal) {
-                (Some(c), _) => format!("code {c}"),
-                (_, Some(sig)) => format!("signal {sig}"),
-                _ => "unknown status".into(),
-            }
-        )),
-        Ok((Reply::Entrypoint(EntrypointState::Failed { message }), _)) => {
-            Some(format!("the code interpreter could not start: {message}"))
-        }
-        Ok((Reply::Entrypoint(EntrypointState::None), _)) => {
-            Some("the image names no entrypoint, so no code interpreter runs".into())
-        }
-        _ => None,
-    }
-}
-
-/// Reads the whole body of an answer (at most [`MAX_LINE`] bytes kept).
-async fn body_of(replies: &mut Replies) -> Result<Vec<u8>, ConnError> {
-    let mut body = Vec::new();
-    loop {
-        match replies.next().await?.0 {
-            Reply::HttpChunk { data } => {
-                let room = MAX_LINE.saturating_sub(body.len());
-                body.extend_from_slice(&data[..data.len().min(room)]);
-            }
-            _ => return Ok(body),
-        }
-    }
-}
-
 /// Asks the interpreter to stop what runs in `language` (best effort).
 async fn interrupt(s: &Session, port: u16, language: &str, job: Option<u64>) {
     let body = json!({ "language": language, "job": job }).to_string().into_bytes();
     if let Ok((_, _, mut replies)) = post(s, port, "/interrupt", body, 5_000).await {
-        let _ = body_of(&mut replies).await;
+        let _ = replies.http_body(MAX_LINE).await;
     }
 }
 
@@ -169,7 +133,7 @@ pub async fn clear(s: &Arc<Session>, port: u16, language: Option<&'static str>) 
         600_000,
     )
     .await?;
-    let body = body_of(&mut replies).await.map_err(|e| guest_error(&id, e))?;
+    let body = replies.http_body(MAX_LINE).await.map_err(|e| guest_error(&id, e))?;
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if status != 200 {
         return Err(ApiError::internal(format!(
@@ -211,7 +175,7 @@ pub async fn execute(
         .find(|(k, _)| k.eq_ignore_ascii_case("x-warren-job"))
         .and_then(|(_, v)| v.parse::<u64>().ok());
     if status != 200 {
-        let body = body_of(&mut replies).await.map_err(|e| guest_error(&id, e))?;
+        let body = replies.http_body(MAX_LINE).await.map_err(|e| guest_error(&id, e))?;
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let msg = v["error"]
             .as_str()

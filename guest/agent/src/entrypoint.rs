@@ -17,11 +17,11 @@ use std::time::Instant;
 use serde::Deserialize;
 use warren_protocol::{EntrypointState, ExitStatus};
 
+use crate::exec::{resolve_program, DEFAULT_PATH};
 use crate::reaper::{Exit, Reaper};
 
 /// Default metadata path inside the image.
 pub const METADATA_PATH: &str = "/etc/warren/image.json";
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, Deserialize)]
 struct Metadata {
@@ -90,61 +90,43 @@ impl Supervisor {
     }
 }
 
-/// `program` names an executable file (itself, or found in `path`).
-fn check_program(program: &str, path: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    let found = if program.contains('/') {
-        executable(Path::new(program))
-    } else {
-        path.split(':').any(|d| executable(&Path::new(d).join(program)))
-    };
-    if found {
-        Ok(())
-    } else {
-        Err(format!("starting {program:?}: no such executable file (PATH {path})"))
-    }
-}
-
 fn spawn(reaper: &Reaper, meta: Metadata, sup: &Arc<Supervisor>) -> EntrypointState {
-    // Checked before spawning: a failed exec after fork would be waited
-    // for by std while PID 1's reaper may already have reaped the child.
-    let path_var = meta
-        .env
-        .iter()
-        .find_map(|kv| kv.strip_prefix("PATH="))
-        .unwrap_or(&DEFAULT_PATH[5..])
-        .to_string();
-    if let Err(message) = check_program(&meta.argv[0], &path_var) {
-        return EntrypointState::Failed { message };
-    }
-    let mut cmd = Command::new(&meta.argv[0]);
-    cmd.args(&meta.argv[1..]).env_clear();
-    let mut has_path = false;
+    let mut env = Vec::with_capacity(meta.env.len());
     for kv in &meta.env {
         let Some((k, v)) = kv.split_once('=') else {
             return EntrypointState::Failed {
                 message: format!("environment entry {kv:?} is not K=V"),
             };
         };
-        has_path |= k == "PATH";
-        cmd.env(k, v);
+        env.push((k, v));
     }
-    if !has_path {
-        let (k, v) = DEFAULT_PATH.split_once('=').unwrap_or(("PATH", "/usr/bin:/bin"));
-        cmd.env(k, v);
-    }
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| *v);
     let cwd = meta.working_dir.filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into());
     if !Path::new(&cwd).is_dir() {
         return EntrypointState::Failed {
             message: format!("working directory {cwd} does not exist in the image"),
         };
     }
-    cmd.current_dir(&cwd).stdin(Stdio::null()).process_group(0);
+    // Resolved before spawning, as exec requests are: a failed exec after
+    // fork would be waited for by std while PID 1's reaper may already have
+    // reaped the child.
+    let program = match resolve_program(&meta.argv[0], path_var, Some(&cwd)) {
+        Ok(p) => p,
+        Err((_, message)) => return EntrypointState::Failed { message },
+    };
+    let mut cmd = Command::new(program);
+    cmd.arg0(&meta.argv[0])
+        .args(&meta.argv[1..])
+        .env_clear()
+        .env("PATH", path_var)
+        .envs(env)
+        .current_dir(&cwd)
+        .stdin(Stdio::null())
+        .process_group(0);
     if let Some(u) = &meta.user {
         cmd.uid(u.uid).gid(u.gid);
     }

@@ -23,7 +23,7 @@ use crate::reaper::{Exit, Reaper};
 const PIPE_GRACE: Duration = Duration::from_secs(1);
 
 /// Default search path when neither the request nor the agent has `PATH`.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Process groups of the execs still running, by request id.
 #[derive(Default)]
@@ -194,7 +194,7 @@ fn pump(mut pipe: Box<dyn Read + Send>, stream: Stream, id: RequestId, out: &Out
 }
 
 /// Finds the file to execute for `argv0`, as a shell would.
-fn resolve_program(argv0: &str, path_var: &str, cwd: Option<&str>) -> Result<PathBuf, (ErrorKind, String)> {
+pub(crate) fn resolve_program(argv0: &str, path_var: &str, cwd: Option<&str>) -> Result<PathBuf, (ErrorKind, String)> {
     if argv0.is_empty() {
         return Err((ErrorKind::InvalidRequest, "argv[0] is empty".into()));
     }

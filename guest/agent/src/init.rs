@@ -53,7 +53,7 @@ pub fn mount_tmpfs() {
 /// PID 1 without one).
 pub fn default_path() {
     if std::env::var_os("PATH").is_none() {
-        std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
     }
 }
 
